@@ -1,0 +1,3 @@
+from ctxsync.cli import main
+
+raise SystemExit(main())
