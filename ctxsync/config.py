@@ -1,0 +1,842 @@
+"""
+Node configuration: ``config.toml`` and ``peers.toml`` as frozen dataclasses.
+
+A node's home holds two TOML files:
+
+* ``config.toml`` (:data:`CONFIG_FILE`): the node's settings, edited by people and created by
+  ``ctxsync init``. Read with :func:`parse`, written with :func:`dump_node`.
+* ``peers.toml`` (:data:`PEERS_FILE`): the paired peers, written by ``ctxsync peer add/remove``.
+  May be absent (no peers). Read with :func:`parse_peers`, written with :func:`dump_peers`.
+
+Every value is validated once, here: an unknown section or key, a wrong type or a value out of
+range raises :class:`~ctxsync.errors.ConfigError` naming the file and the dotted key, so typos
+are caught at startup instead of being ignored. The dataclasses check their values on
+construction too, so a :class:`NodeConfig` that exists is valid and :func:`dump_node` always
+writes a file :func:`parse` accepts.
+
+Rules:
+
+1. :func:`parse`, :func:`parse_peers`, :func:`dump_node`, :func:`dump_peers` and
+   :func:`parse_hostport` are pure: no files, no ``os.environ``. The caller passes the
+   environment to :func:`parse` (only ``cli`` and ``daemon`` read it).
+2. :func:`load` and :func:`write_atomic` are the only functions that touch the file system.
+3. This module imports no ``asyncio``, ``websockets``, ``sqlite3``, ``psutil`` or ``structlog``;
+   it returns values and raises errors, the caller logs. Certificates and node ids are checked
+   only for shape here; :mod:`ctxsync.crypto` verifies them.
+
+Every key and environment variable is listed in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tempfile
+import tomllib
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NoReturn, TypeAlias, cast, get_args
+
+import tomli_w
+
+from .errors import ConfigError
+from .types import NodeId
+
+__all__ = [
+    "CONFIG_FILE",
+    "ENV_API",
+    "ENV_LISTEN",
+    "ENV_LOG_LEVEL",
+    "ENV_STATS_INTERVAL_S",
+    "LOG_LEVELS",
+    "LogConfig",
+    "LogLevel",
+    "NodeConfig",
+    "PEERS_FILE",
+    "PeerConfig",
+    "StoreConfig",
+    "SyncConfig",
+    "dump_node",
+    "dump_peers",
+    "format_hostport",
+    "load",
+    "parse",
+    "parse_hostport",
+    "parse_peers",
+    "write_atomic",
+]
+
+CONFIG_FILE = "config.toml"
+"""Name of the node settings file in a node's home."""
+
+PEERS_FILE = "peers.toml"
+"""Name of the paired-peers file in a node's home. Absent means no peers."""
+
+ENV_LISTEN = "CTXSYNC_LISTEN"
+"""Environment variable overriding ``node.listen`` (``HOST:PORT``)."""
+
+ENV_API = "CTXSYNC_API"
+"""Environment variable overriding ``node.api`` (``HOST:PORT``)."""
+
+ENV_LOG_LEVEL = "CTXSYNC_LOG_LEVEL"
+"""Environment variable overriding ``log.level``."""
+
+ENV_STATS_INTERVAL_S = "CTXSYNC_STATS_INTERVAL_S"
+"""Environment variable overriding ``log.stats_interval_s`` (seconds)."""
+
+LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
+"""A log level name, lower case."""
+
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+"""Accepted log levels, most verbose first."""
+
+NAME_MAX_CHARS = 64
+"""Longest node or peer name, in characters."""
+
+MIN_FRAME_BYTES = 65536
+"""Smallest accepted ``sync.max_frame_bytes``, in bytes."""
+
+MIN_COMPACT_THRESHOLD = 10
+"""Smallest accepted ``store.compact_threshold``, in log rows."""
+
+
+class _FieldError(ConfigError):
+    """A dataclass rejected a value; :func:`parse` re-raises it with the file's path."""
+
+    def __init__(self, reason: str, *, key: str) -> None:
+        super().__init__(reason, key=key)
+        self.reason = reason
+
+
+def _invalid(key: str, reason: str) -> NoReturn:
+    raise _FieldError(reason, key=key)
+
+
+# --------------------------------------------------------------------------------------------
+# HOST:PORT
+
+
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9_])?")
+_DOTTED_RE = re.compile(r"[0-9.]+")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+def parse_hostport(text: str, *, key: str = "", path: str | None = None) -> tuple[str, int]:
+    """
+    Parse a ``HOST:PORT`` address.
+
+    ``HOST`` is a host name, an IPv4 address or an IPv6 address in brackets
+    (``[::1]:47101``, ``[fe80::1%eth0]:47101``). ``PORT`` is a decimal number in 0..65535; 0 asks
+    the OS for a free port when listening.
+
+    Args:
+        text: The address, e.g. ``"127.0.0.1:47101"``.
+        key: Dotted key or environment variable the text came from, for the error message.
+        path: File the text came from, for the error message.
+
+    Returns:
+        ``(host, port)``, with the brackets of an IPv6 address removed.
+
+    Raises:
+        ConfigError: If the text is not a valid ``HOST:PORT``.
+
+    """
+
+    def fail(reason: str) -> NoReturn:
+        raise ConfigError(f"{reason} (got {text!r}, expected HOST:PORT)", path=path, key=key or None)
+
+    if not isinstance(text, str):
+        fail("an address must be a string")
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            fail("missing ']' after the IPv6 address")
+        host, port_text = text[1:end], text[end + 1 :]
+        if not port_text.startswith(":"):
+            fail("missing ':PORT' after ']'")
+        port_text = port_text[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            fail(f"{host!r} is not an IPv6 address")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            fail("missing ':PORT'")
+        if not host:
+            fail("missing host")
+        if ":" in host:
+            fail("an IPv6 address needs brackets, as in [::1]:47101")
+        if not _HOSTNAME_RE.fullmatch(host):
+            fail(f"{host!r} is not a host name or IP address")
+        if _DOTTED_RE.fullmatch(host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                fail(f"{host!r} is not an IPv4 address")
+    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
+        fail(f"port {port_text!r} is not a number in 0..65535")
+    return host, int(port_text)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """
+    Format an address as ``HOST:PORT``, the inverse of :func:`parse_hostport`.
+
+    Args:
+        host: Host name or IP address; an IPv6 address (any host containing ``:``) is bracketed.
+        port: Port number, 0..65535.
+
+    Returns:
+        ``"host:port"`` or ``"[v6]:port"``.
+
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_addr(key: str, addr: object) -> None:
+    """Check that ``addr`` is a ``(host, port)`` tuple that survives a text round trip."""
+    if (
+        not isinstance(addr, tuple)
+        or len(addr) != 2
+        or not isinstance(addr[0], str)
+        or not isinstance(addr[1], int)
+        or isinstance(addr[1], bool)
+    ):
+        _invalid(key, f"expected a (host, port) tuple, got {addr!r}")
+    try:
+        parsed = parse_hostport(format_hostport(addr[0], addr[1]))
+    except ConfigError as exc:
+        _invalid(key, str(exc))
+    if parsed != addr:
+        _invalid(key, f"{addr!r} is not a valid (host, port)")
+
+
+def _check_name(key: str, name: object) -> None:
+    if not isinstance(name, str):
+        _invalid(key, f"expected a string, got {name!r}")
+    if not 1 <= len(name) <= NAME_MAX_CHARS:
+        _invalid(key, f"must be 1..{NAME_MAX_CHARS} characters long, got {len(name)}")
+    if name != name.strip():
+        _invalid(key, f"must not start or end with white space, got {name!r}")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        _invalid(key, f"must not contain control characters, got {name!r}")
+
+
+def _check_number(
+    key: str, value: float, *, minimum: float, exclusive: bool = False, bound: str = ""
+) -> None:
+    """Check that a number is finite and >= (or >, if ``exclusive``) ``minimum``, named ``bound``."""
+    if not math.isfinite(value):
+        _invalid(key, f"must be a finite number, got {value!r}")
+    if value < minimum or (exclusive and value == minimum):
+        limit = f"{bound} ({minimum!r})" if bound else repr(minimum)
+        _invalid(key, f"must be {'>' if exclusive else '>='} {limit}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """
+    One paired peer, as stored in ``peers.toml``.
+
+    Raises:
+        ConfigError: On construction, if a field is invalid.
+
+    """
+
+    node_id: NodeId
+    """The peer's node id. Checked here only as a non-empty string; crypto verifies it."""
+    name: str
+    """The peer's name, for people: 1..64 characters."""
+    cert_pem: str
+    """The peer's pinned certificate, PEM text. Checked here only as non-empty; crypto parses it."""
+    addr: tuple[str, int] | None = None
+    """Where to dial the peer, ``(host, port)``; ``None`` if it only dials us."""
+    contexts: tuple[str, ...] = ("*",)
+    """Names of the contexts shared with this peer; ``"*"`` shares all of them."""
+    read_only: bool = False
+    """If true, the peer may read the shared contexts but its updates are not applied here."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_id, str) or not self.node_id.strip():
+            _invalid("node_id", f"expected a non-empty string, got {self.node_id!r}")
+        _check_name("name", self.name)
+        if not isinstance(self.cert_pem, str) or not self.cert_pem.strip():
+            _invalid("cert", "expected the peer's certificate as non-empty PEM text")
+        if self.addr is not None:
+            _check_addr("addr", self.addr)
+        if not isinstance(self.contexts, tuple):
+            _invalid("contexts", f"expected a tuple of context names, got {self.contexts!r}")
+        for doc_id in self.contexts:
+            if not isinstance(doc_id, str) or not doc_id:
+                _invalid("contexts", f"expected non-empty context names, got {doc_id!r}")
+        if not isinstance(self.read_only, bool):
+            _invalid("read_only", f"expected a boolean, got {self.read_only!r}")
+
+    def shares(self, doc_id: str) -> bool:
+        """
+        Tell whether a context is shared with this peer.
+
+        Args:
+            doc_id: The context's name.
+
+        Returns:
+            ``True`` if :attr:`contexts` holds ``"*"`` or ``doc_id``.
+
+        """
+        return "*" in self.contexts or doc_id in self.contexts
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    """
+    The ``[sync]`` section: peer connections, frames and batching.
+
+    Raises:
+        ConfigError: On construction, if a value is out of range.
+
+    """
+
+    ping_interval_s: float = 5.0
+    """Websocket keepalive ping interval, in seconds (> 0)."""
+    ping_timeout_s: float = 10.0
+    """Close the connection if no pong arrives within this, in seconds (> 0)."""
+    max_frame_bytes: int = 1_048_576
+    """Hard cap of one websocket message, in bytes (>= 65536)."""
+    max_value_bytes: int = 262_144
+    """Cap of one entry value's JSON text, in bytes (>= 1 and < ``max_frame_bytes / 2``)."""
+    max_message_bytes: int = 268_435_456
+    """Cap of one message reassembled from several frames (catch-up), in bytes (>= ``max_frame_bytes``)."""
+    send_queue_frames: int = 1024
+    """Bound of each peer's outbound queue, in frames (>= 1). On overflow the peer is resynced."""
+    batch_window_ms: float = 2.0
+    """How long an update may wait to share a frame with later ones, in milliseconds (>= 0)."""
+    reconnect_min_s: float = 0.5
+    """First delay before redialing a lost peer, in seconds (> 0)."""
+    reconnect_max_s: float = 30.0
+    """Longest delay between dials, in seconds (>= ``reconnect_min_s``)."""
+
+    def __post_init__(self) -> None:
+        _check_number("sync.ping_interval_s", self.ping_interval_s, minimum=0, exclusive=True)
+        _check_number("sync.ping_timeout_s", self.ping_timeout_s, minimum=0, exclusive=True)
+        _check_number("sync.max_frame_bytes", self.max_frame_bytes, minimum=MIN_FRAME_BYTES)
+        _check_number("sync.max_value_bytes", self.max_value_bytes, minimum=1)
+        if 2 * self.max_value_bytes >= self.max_frame_bytes:
+            _invalid(
+                "sync.max_value_bytes",
+                f"must be < max_frame_bytes / 2 = {self.max_frame_bytes / 2:g}, got {self.max_value_bytes}",
+            )
+        _check_number(
+            "sync.max_message_bytes",
+            self.max_message_bytes,
+            minimum=self.max_frame_bytes,
+            bound="sync.max_frame_bytes",
+        )
+        _check_number("sync.send_queue_frames", self.send_queue_frames, minimum=1)
+        _check_number("sync.batch_window_ms", self.batch_window_ms, minimum=0)
+        _check_number("sync.reconnect_min_s", self.reconnect_min_s, minimum=0, exclusive=True)
+        _check_number(
+            "sync.reconnect_max_s",
+            self.reconnect_max_s,
+            minimum=self.reconnect_min_s,
+            bound="sync.reconnect_min_s",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """
+    The ``[store]`` section: the SQLite store.
+
+    Raises:
+        ConfigError: On construction, if a value is out of range.
+
+    """
+
+    compact_threshold: int = 2000
+    """Update log rows per context that trigger a compaction into a checkpoint (>= 10)."""
+
+    def __post_init__(self) -> None:
+        _check_number("store.compact_threshold", self.compact_threshold, minimum=MIN_COMPACT_THRESHOLD)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """
+    The ``[log]`` section: logging and periodic statistics.
+
+    Raises:
+        ConfigError: On construction, if a value is out of range.
+
+    """
+
+    level: LogLevel = "info"
+    """Lowest level logged: ``debug``, ``info``, ``warning`` or ``error``."""
+    stats_interval_s: float = 10.0
+    """Period of the ``peer.stats`` and ``node.stats`` events, in seconds (> 0)."""
+
+    def __post_init__(self) -> None:
+        if self.level not in LOG_LEVELS:
+            _invalid("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+        _check_number("log.stats_interval_s", self.stats_interval_s, minimum=0, exclusive=True)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """
+    A node's whole configuration: ``config.toml`` plus the peers of ``peers.toml``.
+
+    Raises:
+        ConfigError: On construction, if a value is invalid or two peers share a node id.
+
+    """
+
+    name: str
+    """This node's name, for people: 1..64 characters."""
+    listen: tuple[str, int]
+    """Address of the peer (sync) listener, ``(host, port)``; port 0 picks a free port."""
+    api: tuple[str, int]
+    """Address of the local control API, ``(host, port)``; keep it on loopback."""
+    sync: SyncConfig = SyncConfig()
+    """The ``[sync]`` section."""
+    store: StoreConfig = StoreConfig()
+    """The ``[store]`` section."""
+    log: LogConfig = LogConfig()
+    """The ``[log]`` section."""
+    peers: tuple[PeerConfig, ...] = ()
+    """The paired peers, from ``peers.toml``; never written to ``config.toml``."""
+
+    def __post_init__(self) -> None:
+        _check_name("node.name", self.name)
+        _check_addr("node.listen", self.listen)
+        _check_addr("node.api", self.api)
+        if self.listen == self.api and self.listen[1] != 0:
+            _invalid("node.api", f"must differ from node.listen, both are {format_hostport(*self.api)}")
+        _check_unique_peers(self.peers)
+
+    def peer(self, node_id: str) -> PeerConfig | None:
+        """
+        Find a paired peer by node id.
+
+        Args:
+            node_id: The peer's node id.
+
+        Returns:
+            The peer, or ``None`` if it is not paired.
+
+        """
+        for peer in self.peers:
+            if peer.node_id == node_id:
+                return peer
+        return None
+
+
+def _check_unique_peers(peers: Iterable[PeerConfig]) -> None:
+    seen: dict[str, int] = {}
+    for i, peer in enumerate(peers):
+        if peer.node_id in seen:
+            _invalid(
+                f"peer[{i}].node_id",
+                f"duplicate peer {peer.node_id!r} (also peer[{seen[peer.node_id]}])",
+            )
+        seen[peer.node_id] = i
+
+
+# --------------------------------------------------------------------------------------------
+# Reading TOML values
+
+
+_TOML_TYPE_NAMES: dict[type, str] = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a float",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _type_name(value: object) -> str:
+    return _TOML_TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+class _Reader:
+    """Typed access to one TOML file's values, raising ConfigError with its path and key."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> NoReturn:
+        raise ConfigError(reason, path=self.path, key=key or None)
+
+    def loads(self, toml_text: str) -> dict[str, Any]:
+        try:
+            return tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}", path=self.path) from None
+
+    def table(self, key: str, value: object, allowed: Iterable[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a table, got {_type_name(value)}")
+        known = list(allowed)
+        for name in value:
+            if name not in known:
+                dotted = f"{key}.{name}" if key else name
+                hint = difflib.get_close_matches(name, known, n=1)
+                also = f"; did you mean {hint[0]!r}?" if hint else f"; expected one of: {', '.join(known)}"
+                what = "section" if not key and isinstance(value[name], dict) else "key"
+                self.fail(dotted, f"unknown {what}{also}")
+        return value
+
+    def string(self, key: str, value: object) -> str:
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {_type_name(value)}")
+        return value
+
+    def integer(self, key: str, value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(key, f"expected an integer, got {_type_name(value)}")
+        return value
+
+    def number(self, key: str, value: object) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            self.fail(key, f"expected a number, got {_type_name(value)}")
+        return float(value)
+
+    def boolean(self, key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def log_level(self, key: str, value: object) -> LogLevel:
+        level = self.string(key, value).lower()
+        if level not in LOG_LEVELS:
+            self.fail(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return level
+
+    def section(self, name: str, raw: Mapping[str, Any], cls: type[Any]) -> dict[str, Any]:
+        """Read the keys of one dataclass section, converted by the type of each field."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in self.table(name, raw.get(name, {}), fields).items():
+            kind = fields[key]
+            dotted = f"{name}.{key}"
+            if kind == "int":
+                values[key] = self.integer(dotted, value)
+            elif kind == "float":
+                values[key] = self.number(dotted, value)
+            elif kind == "LogLevel":
+                values[key] = self.log_level(dotted, value)
+            else:  # pragma: no cover - a field type this reader does not know
+                raise AssertionError(f"no reader for {cls.__name__}.{key}: {kind}")
+        return values
+
+    def build(self, factory: type[Any], values: Mapping[str, Any]) -> Any:
+        """Construct a dataclass, re-raising its validation error with this file's path."""
+        try:
+            return factory(**values)
+        except _FieldError as exc:
+            raise ConfigError(exc.reason, path=self.path, key=exc.key) from None
+
+
+_NODE_KEYS = ("name", "listen", "api")
+_SECTIONS: dict[str, type[Any]] = {"sync": SyncConfig, "store": StoreConfig, "log": LogConfig}
+
+
+def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | None = None) -> NodeConfig:
+    """
+    Parse the text of ``config.toml`` and apply environment overrides.
+
+    The overrides are ``CTXSYNC_LISTEN``, ``CTXSYNC_API`` (``HOST:PORT``), ``CTXSYNC_LOG_LEVEL``
+    and ``CTXSYNC_STATS_INTERVAL_S`` (seconds). A variable set to the empty string counts as unset;
+    other ``CTXSYNC_*`` variables are ignored here.
+
+    Args:
+        toml_text: The file's text.
+        env: Environment variables, usually ``os.environ``; ``None`` applies no overrides.
+        path: The file's path, for error messages.
+
+    Returns:
+        The configuration, with ``peers=()``; see :func:`parse_peers` and :func:`load`.
+
+    Raises:
+        ConfigError: If the TOML is malformed, a section or key is unknown, a required key is
+            missing, a value has the wrong type or is out of range, or an override is invalid
+            (the error then names the variable).
+
+    """
+    reader = _Reader(path)
+    raw = reader.table("", reader.loads(toml_text), ["node", *_SECTIONS])
+    if "node" not in raw:
+        reader.fail("node", "missing section [node]")
+    node = reader.table("node", raw["node"], _NODE_KEYS)
+    for key in _NODE_KEYS:
+        if key not in node:
+            reader.fail(f"node.{key}", "missing required key")
+    name = reader.string("node.name", node["name"])
+    listen = parse_hostport(reader.string("node.listen", node["listen"]), key="node.listen", path=path)
+    api = parse_hostport(reader.string("node.api", node["api"]), key="node.api", path=path)
+    sections = {section: reader.section(section, raw, cls) for section, cls in _SECTIONS.items()}
+
+    overrides = {key: value for key, value in (env or {}).items() if value != ""}
+    if ENV_LISTEN in overrides:
+        listen = parse_hostport(overrides[ENV_LISTEN], key=ENV_LISTEN)
+    if ENV_API in overrides:
+        api = parse_hostport(overrides[ENV_API], key=ENV_API)
+    if ENV_LOG_LEVEL in overrides:
+        sections["log"]["level"] = _Reader(None).log_level(ENV_LOG_LEVEL, overrides[ENV_LOG_LEVEL])
+    if ENV_STATS_INTERVAL_S in overrides:
+        sections["log"]["stats_interval_s"] = _env_seconds(
+            ENV_STATS_INTERVAL_S, overrides[ENV_STATS_INTERVAL_S]
+        )
+
+    sync = reader.build(SyncConfig, sections["sync"])
+    store = reader.build(StoreConfig, sections["store"])
+    log = reader.build(LogConfig, sections["log"])
+    if listen == api and listen[1] != 0:
+        # Checked here too so that the message can say where the values came from.
+        moved = [variable for variable in (ENV_LISTEN, ENV_API) if variable in overrides]
+        source = f" (after {' and '.join(moved)})" if moved else ""
+        reader.fail("node.api", f"must differ from node.listen, both are {format_hostport(*api)}{source}")
+    values = {"name": name, "listen": listen, "api": api, "sync": sync, "store": store, "log": log}
+    return cast(NodeConfig, reader.build(NodeConfig, values))
+
+
+def _env_seconds(variable: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"expected a number of seconds, got {text!r}", key=variable) from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"must be a finite number of seconds > 0, got {text!r}", key=variable)
+    return value
+
+
+_PEER_KEYS = ("node_id", "name", "addr", "contexts", "read_only", "cert")
+
+
+def parse_peers(toml_text: str, *, path: str | None = None) -> tuple[PeerConfig, ...]:
+    """
+    Parse the text of ``peers.toml``.
+
+    Node ids are checked only as non-empty strings and certificates only as non-empty text;
+    :mod:`ctxsync.crypto` verifies both.
+
+    Args:
+        toml_text: The file's text; an empty text has no peers.
+        path: The file's path, for error messages.
+
+    Returns:
+        The peers, in file order.
+
+    Raises:
+        ConfigError: If the TOML is malformed, a key is unknown or missing, a value is invalid,
+            or two peers have the same node id. Keys are named ``peer[INDEX].KEY``.
+
+    """
+    reader = _Reader(path)
+    raw = reader.table("", reader.loads(toml_text), ["peer"])
+    entries = raw.get("peer", [])
+    if not isinstance(entries, list):
+        reader.fail("peer", f"expected an array of tables [[peer]], got {_type_name(entries)}")
+    peers: list[PeerConfig] = []
+    for i, entry in enumerate(entries):
+        prefix = f"peer[{i}]"
+        table = reader.table(prefix, entry, _PEER_KEYS)
+        for key in ("node_id", "name", "cert"):
+            if key not in table:
+                reader.fail(f"{prefix}.{key}", "missing required key")
+        addr = None
+        if "addr" in table:
+            key = f"{prefix}.addr"
+            addr = parse_hostport(reader.string(key, table["addr"]), key=key, path=path)
+        contexts: tuple[str, ...] = ("*",)
+        if "contexts" in table:
+            key = f"{prefix}.contexts"
+            items = table["contexts"]
+            if not isinstance(items, list):
+                reader.fail(key, f"expected an array of context names, got {_type_name(items)}")
+            contexts = tuple(reader.string(f"{key}[{j}]", item) for j, item in enumerate(items))
+        try:
+            peer = PeerConfig(
+                node_id=NodeId(reader.string(f"{prefix}.node_id", table["node_id"])),
+                name=reader.string(f"{prefix}.name", table["name"]),
+                cert_pem=reader.string(f"{prefix}.cert", table["cert"]),
+                addr=addr,
+                contexts=contexts,
+                read_only=reader.boolean(f"{prefix}.read_only", table.get("read_only", False)),
+            )
+        except _FieldError as exc:
+            reader.fail(f"{prefix}.{exc.key}", exc.reason)
+        peers.append(peer)
+    try:
+        _check_unique_peers(peers)
+    except _FieldError as exc:
+        reader.fail(exc.key or "", exc.reason)
+    return tuple(peers)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing TOML
+
+
+def dump_node(cfg: NodeConfig) -> str:
+    """
+    Render a configuration as ``config.toml`` text, every key written out.
+
+    ``parse(dump_node(cfg)) == dataclasses.replace(cfg, peers=())``: peers belong in
+    ``peers.toml`` (:func:`dump_peers`).
+
+    Args:
+        cfg: The configuration.
+
+    Returns:
+        TOML text.
+
+    """
+    doc: dict[str, Any] = {
+        "node": {
+            "name": cfg.name,
+            "listen": format_hostport(*cfg.listen),
+            "api": format_hostport(*cfg.api),
+        },
+    }
+    for section in _SECTIONS:
+        doc[section] = dataclasses.asdict(getattr(cfg, section))
+    return tomli_w.dumps(doc)
+
+
+def dump_peers(peers: Iterable[PeerConfig]) -> str:
+    """
+    Render peers as ``peers.toml`` text, certificates as multi-line strings.
+
+    Args:
+        peers: The peers, in the order to write them.
+
+    Returns:
+        TOML text; the empty string if there are no peers.
+
+    Raises:
+        ConfigError: If two peers have the same node id.
+
+    """
+    peers = tuple(peers)
+    _check_unique_peers(peers)
+    if not peers:
+        return ""
+    tables: list[dict[str, Any]] = []
+    for peer in peers:
+        table: dict[str, Any] = {"node_id": str(peer.node_id), "name": peer.name}
+        if peer.addr is not None:
+            table["addr"] = format_hostport(*peer.addr)
+        table["contexts"] = list(peer.contexts)
+        table["read_only"] = peer.read_only
+        table["cert"] = peer.cert_pem
+        tables.append(table)
+    return tomli_w.dumps({"peer": tables}, multiline_strings=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 file; FileNotFoundError propagates, other failures become ConfigError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", path=str(path)) from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", path=str(path)) from None
+
+
+def load(home: str | Path, env: Mapping[str, str] | None = None) -> NodeConfig:
+    """
+    Read a node's configuration from its home: ``config.toml`` and, if present, ``peers.toml``.
+
+    Args:
+        home: The node's home directory.
+        env: Environment variables for the overrides of :func:`parse`, usually ``os.environ``;
+            ``None`` applies none (this function never reads ``os.environ`` itself).
+
+    Returns:
+        The configuration, with its peers.
+
+    Raises:
+        ConfigError: If ``config.toml`` is missing (run ``ctxsync init``), a file cannot be
+            read, or :func:`parse` / :func:`parse_peers` reject it.
+
+    """
+    home = Path(home)
+    config_path = home / CONFIG_FILE
+    try:
+        text = _read_text(config_path)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no {CONFIG_FILE} in {home}: run `ctxsync init --home {home}` first",
+            path=str(config_path),
+        ) from None
+    cfg = parse(text, env, path=str(config_path))
+    peers_path = home / PEERS_FILE
+    try:
+        peers_text = _read_text(peers_path)
+    except FileNotFoundError:
+        return cfg
+    return dataclasses.replace(cfg, peers=parse_peers(peers_text, path=str(peers_path)))
+
+
+def write_atomic(path: str | Path, text: str, *, mode: int = 0o600) -> None:
+    """
+    Replace a file's content atomically and durably.
+
+    Writes a temporary file in the same directory, fsyncs it, renames it over ``path`` with
+    :func:`os.replace` and fsyncs the directory, so a reader sees either the old or the new
+    content, never a mix, and the new content survives a crash once this returns.
+
+    Args:
+        path: The file to write; its directory must exist.
+        text: The new content, written as UTF-8.
+        mode: Permission bits of the file, e.g. ``0o600`` (the default) or ``0o644``.
+
+    Raises:
+        OSError: If writing fails; the original file is then unchanged and no temporary file
+            is left.
+
+    """
+    path = Path(path)
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            os.fchmod(tmp.fileno(), mode)
+            tmp.write(text.encode("utf-8"))
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
