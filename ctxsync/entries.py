@@ -1,0 +1,572 @@
+"""
+The entry model: a context's key/value entries as multi-value registers in one flat root map.
+
+A context keeps its entries in one root ``Y.Map`` named :data:`~ctxsync.types.ENTRIES_ROOT`. Each
+map key is a *slot*: ``entry key + SEPARATOR + writer node id``. A slot's value is a plain dict
+(never a nested shared type), ``{"v": "<JSON text>", "t": "<HLC>"}`` for a value or
+``{"t": "<HLC>", "deleted": True}`` for a tombstone. Values are JSON text so that they round-trip
+exactly: pycrdt turns every number into a float.
+
+A write of key K on node N deletes, in one transaction, every slot of K that N can see and sets
+N's slot. Sequential writes therefore leave one slot; concurrent writes leave one slot per writer,
+since a deletion only removes what its writer had seen. Reads are a deterministic function of the
+slots (:func:`resolve`: latest hybrid logical clock wins, ties broken by node id), so every node
+converges to the same value; more than one slot is a *conflict*, whose losers stay readable until
+the next write of K.
+
+Remote peers may be buggy. A slot whose key does not parse, whose entry key is invalid, or whose
+value is not a dict with a well-formed ``"t"`` and a string ``"v"`` (or ``"deleted": True``) is
+ignored by reads, the same way on every node. It is not deleted either: writes only remove the
+well-formed slots of their key.
+
+This module is pure: it imports no asyncio, websockets, sqlite3, psutil or structlog.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, Final
+
+import pycrdt
+
+from .errors import EntryError, InvalidState
+from .types import ENTRIES_ROOT, NodeId
+
+__all__ = [
+    "HLC_CHARS", "MAX_KEY_CHARS", "SEPARATOR", "Clock", "Entry", "EntryChange", "EntryMap", "Slot",
+    "format_hlc", "parse_hlc", "resolve", "slot_key", "split_slot_key", "validate_key",
+]  # fmt: skip
+
+SEPARATOR: Final = "\x1f"
+"""Separates the entry key from the writer's node id in a slot key (ASCII unit separator)."""
+
+MAX_KEY_CHARS: Final = 1024
+"""Longest entry key, in characters."""
+
+HLC_CHARS: Final = 16
+"""Length of an encoded HLC timestamp: 12 hex digits of wall time in ms, 4 of counter."""
+
+_MAX_WALL_MS: Final = 16**12 - 1
+_MAX_COUNTER: Final = 0xFFFF
+_HLC_RE: Final = re.compile(r"[0-9a-f]{16}")
+_ZERO_HLC: Final = "0" * HLC_CHARS
+_ORDER: Final = attrgetter("t", "writer")
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def format_hlc(wall_ms: int, counter: int) -> str:
+    """
+    Encode an HLC timestamp so that string order is time order.
+
+    Args:
+        wall_ms: Wall time in milliseconds since the Unix epoch, ``0 <= wall_ms < 2**48``.
+        counter: Logical counter within that millisecond, ``0 <= counter <= 0xffff``.
+
+    Returns:
+        16 lowercase hex characters, e.g. ``"018f3a2b4c5d0001"``.
+
+    Raises:
+        EntryError: If either part is out of range.
+
+    """
+    if not (0 <= wall_ms <= _MAX_WALL_MS and 0 <= counter <= _MAX_COUNTER):
+        raise EntryError(f"HLC out of range: wall_ms={wall_ms}, counter={counter}")
+    return f"{wall_ms:012x}{counter:04x}"
+
+
+def parse_hlc(ts: str) -> tuple[int, int]:
+    """
+    Decode an HLC timestamp made by :func:`format_hlc`.
+
+    Args:
+        ts: 16 lowercase hex characters.
+
+    Returns:
+        ``(wall_ms, counter)``: wall time in milliseconds since the Unix epoch, and counter.
+
+    Raises:
+        EntryError: If ``ts`` is not exactly 16 lowercase hex characters.
+
+    """
+    if not isinstance(ts, str) or _HLC_RE.fullmatch(ts) is None:
+        raise EntryError(f"malformed HLC timestamp: {ts!r}")
+    return int(ts[:12], 16), int(ts[12:], 16)
+
+
+class Clock:
+    """
+    Hybrid logical clock: wall time in milliseconds plus a counter, never going backwards.
+
+    One clock serves every context of a node. Timestamps are strings (see :func:`format_hlc`).
+
+    Args:
+        now_ms: Returns the wall time in milliseconds since the Unix epoch.
+        max_drift_ms: :meth:`observe` ignores timestamps more than this many milliseconds ahead of
+            ``now_ms()``, so that one peer with a wild clock (or a hostile one sending
+            ``"ffffffffffffffff"``) cannot drag every node's clock to the end of time. ``None``
+            accepts any timestamp.
+
+    """
+
+    __slots__ = ("_counter", "_latest", "_max_drift_ms", "_now_ms", "_wall_ms")
+
+    def __init__(
+        self,
+        now_ms: Callable[[], int] = _wall_clock_ms,
+        *,
+        max_drift_ms: int | None = 86_400_000,
+    ) -> None:
+        self._now_ms = now_ms
+        self._max_drift_ms = max_drift_ms
+        self._wall_ms = 0
+        self._counter = 0
+        self._latest = _ZERO_HLC
+
+    @property
+    def latest(self) -> str:
+        """The greatest timestamp ticked or observed so far; ``"0" * 16`` at first."""
+        return self._latest
+
+    def tick(self) -> str:
+        """
+        Make a timestamp for a local event.
+
+        Returns:
+            A timestamp strictly greater than every one ticked or observed before. When the wall
+            clock is behind, the wall part is kept and the counter bumped; when the counter would
+            pass ``0xffff``, the wall part moves one millisecond ahead and the counter restarts.
+
+        Raises:
+            EntryError: If the wall part would pass ``2**48 - 1`` ms (the year 10889).
+
+        """
+        now = self._now_ms()
+        if now > self._wall_ms:
+            wall, counter = now, 0
+        elif self._counter < _MAX_COUNTER:
+            wall, counter = self._wall_ms, self._counter + 1
+        else:
+            wall, counter = self._wall_ms + 1, 0
+        if wall > _MAX_WALL_MS:
+            raise EntryError(f"HLC wall clock out of range: {wall} ms")
+        self._wall_ms, self._counter = wall, counter
+        self._latest = f"{wall:012x}{counter:04x}"
+        return self._latest
+
+    def observe(self, ts: object) -> None:
+        """
+        Merge a timestamp seen in a remote slot, so the next :meth:`tick` is greater than it.
+
+        Args:
+            ts: A timestamp; malformed ones, and ones too far ahead (see ``max_drift_ms``), are
+                ignored.
+
+        """
+        if not isinstance(ts, str) or ts <= self._latest or _HLC_RE.fullmatch(ts) is None:
+            return  # a well-formed ts <= latest is not news; a malformed one is ignored
+        wall, counter = int(ts[:12], 16), int(ts[12:], 16)
+        if self._max_drift_ms is not None and wall > self._now_ms() + self._max_drift_ms:
+            return
+        self._wall_ms, self._counter, self._latest = wall, counter, ts
+
+
+def validate_key(key: str) -> None:
+    """
+    Check that ``key`` can be an entry key.
+
+    Args:
+        key: 1 to :data:`MAX_KEY_CHARS` characters, none of them :data:`SEPARATOR`.
+
+    Raises:
+        EntryError: If ``key`` is not a string, is empty, is too long or contains the separator.
+
+    """
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or SEPARATOR in key:
+        if not isinstance(key, str):
+            raise EntryError(f"entry key must be a string, not {type(key).__name__}")
+        if not key:
+            raise EntryError("entry key is empty")
+        if len(key) > MAX_KEY_CHARS:
+            raise EntryError(f"entry key is {len(key)} characters long; the limit is {MAX_KEY_CHARS}")
+        raise EntryError(f"entry key {key!r} contains the reserved character U+001F")
+
+
+def slot_key(key: str, writer: NodeId) -> str:
+    """Return the root-map key of ``writer``'s slot for entry ``key`` (neither is validated)."""
+    return f"{key}{SEPARATOR}{writer}"
+
+
+def split_slot_key(slot: str) -> tuple[str, NodeId] | None:
+    """
+    Split a root-map key into ``(entry key, writer)``.
+
+    Returns:
+        ``None`` unless ``slot`` is a valid entry key, the separator and a non-empty writer id.
+
+    """
+    key, sep, writer = slot.rpartition(SEPARATOR)
+    if not sep or not writer or not key or len(key) > MAX_KEY_CHARS or SEPARATOR in key:
+        return None
+    return key, NodeId(writer)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One writer's value (or tombstone) for one entry key."""
+
+    writer: NodeId
+    """Node that wrote the slot."""
+    t: str
+    """HLC timestamp of the write (see :func:`format_hlc`)."""
+    value: str | None
+    """The value as JSON text; ``None`` for a tombstone (a deletion)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A live entry as read: the winning slot of its key, and the losers if there is a conflict."""
+
+    key: str
+    value: str
+    """The value as JSON text."""
+    t: str
+    """HLC timestamp of the winning write."""
+    writer: NodeId
+    """Node that made the winning write."""
+    conflicts: tuple[Slot, ...] = ()
+    """Losing concurrent writes (tombstones included), newest first; empty without a conflict."""
+
+
+@dataclass(frozen=True, slots=True)
+class EntryChange:
+    """The resolved state of ``key`` after a change, local or remote."""
+
+    key: str
+    value: str | None
+    """The value as JSON text, or ``None`` if the entry is now absent."""
+    writer: NodeId | None
+    """Node that wrote the winning slot (tombstones included); ``None`` if no slot is left."""
+    t: str | None
+    """HLC timestamp of the winning slot; ``None`` if no slot is left."""
+
+
+def resolve(slots: Iterable[Slot]) -> Slot | None:
+    """
+    Pick the winning slot of one key: the greatest ``(t, writer)``; ``None`` if there are none.
+
+    The winner may be a tombstone, in which case the entry is absent.
+    """
+    return max(slots, key=_ORDER, default=None)
+
+
+def _parse_slot(writer: NodeId, raw: object) -> Slot | None:
+    """Read a raw slot value from the map; ``None`` if it is malformed (see the module docstring)."""
+    if type(raw) is not dict:
+        return None
+    t = raw.get("t")
+    if type(t) is not str or _HLC_RE.fullmatch(t) is None:
+        return None
+    if raw.get("deleted") is True:
+        return Slot(writer, t, None)
+    v = raw.get("v")
+    if type(v) is not str:
+        return None
+    return Slot(writer, t, v)
+
+
+class EntryMap:
+    """
+    The entries of one context, over the root map ``doc.get(ENTRIES_ROOT, type=Map)``.
+
+    An index ``key -> {writer: Slot}`` of the well-formed slots is built at construction and kept up
+    to date by a ``Map.observe`` callback, so updates applied with ``doc.apply_update`` are indexed
+    too; this object's own writes are indexed at once, so they are visible to reads and later
+    writes inside an enclosing transaction. Do not apply remote updates and write in one
+    transaction: the write would not see (and so not replace) slots the update adds.
+
+    Every slot timestamp seen is passed to ``clock.observe``. Call :meth:`close` when done.
+
+    Args:
+        doc: The context's document.
+        node_id: This node's id: the writer of every local slot.
+        clock: This node's clock.
+
+    Raises:
+        EntryError: If ``node_id`` is empty or contains :data:`SEPARATOR`.
+
+    """
+
+    def __init__(self, doc: pycrdt.Doc[Any], node_id: NodeId, clock: Clock) -> None:
+        if not isinstance(node_id, str) or not node_id or SEPARATOR in node_id:
+            raise EntryError(f"invalid node id {node_id!r}")
+        self._doc = doc
+        self._node_id = node_id
+        self._clock = clock
+        self._map: pycrdt.Map[Any] = doc.get(ENTRIES_ROOT, type=pycrdt.Map)
+        self._slots: dict[str, dict[NodeId, Slot]] = {}
+        self._live = 0
+        self._conflicted: set[str] = set()
+        self._changes: dict[str, EntryChange] = {}
+        self._closed = False
+        with doc.transaction():
+            self._load()
+            self._subscription = self._map.observe(self._on_map_event)
+
+    def _load(self) -> None:
+        observe = self._clock.observe
+        index = self._slots
+        for name, raw in self._map.items():
+            parts = split_slot_key(name)
+            if parts is None:
+                continue
+            slot = _parse_slot(parts[1], raw)
+            if slot is None:
+                continue
+            observe(slot.t)
+            writers = index.get(parts[0])
+            if writers is None:
+                index[parts[0]] = {slot.writer: slot}
+            else:
+                writers[slot.writer] = slot
+        for key, writers in index.items():
+            if len(writers) > 1:
+                self._conflicted.add(key)
+                winner = resolve(writers.values())
+            else:
+                (winner,) = writers.values()
+            if winner is not None and winner.value is not None:
+                self._live += 1
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def set(self, key: str, value_json: str) -> None:
+        """
+        Write an entry, replacing every slot of ``key`` this node can see, in one transaction.
+
+        Args:
+            key: Entry key (see :func:`validate_key`).
+            value_json: The value as JSON text. It is not checked: the caller must pass valid JSON.
+
+        Raises:
+            EntryError: If ``key`` is invalid or ``value_json`` is not a string.
+            InvalidState: If the map is closed.
+
+        """
+        validate_key(key)
+        if not isinstance(value_json, str):
+            raise EntryError(f"value must be JSON text, not {type(value_json).__name__}")
+        self._check_open()
+        with self._doc.transaction():
+            self._write(key, value_json)
+
+    def delete(self, key: str) -> bool:
+        """
+        Delete an entry by writing a tombstone in this node's slot, in one transaction.
+
+        Returns:
+            ``True`` if the entry was live; ``False`` if it was absent, and nothing was written.
+
+        Raises:
+            EntryError: If ``key`` is invalid.
+            InvalidState: If the map is closed.
+
+        """
+        validate_key(key)
+        self._check_open()
+        if not self._is_live(key):
+            return False
+        with self._doc.transaction():
+            self._write(key, None)
+        return True
+
+    def set_many(self, items: Iterable[tuple[str, str | None]]) -> int:
+        """
+        Write and delete several entries in one transaction.
+
+        Args:
+            items: ``(key, value_json)`` pairs, applied in order; ``None`` deletes the key.
+
+        Returns:
+            How many writes were made: deletions of absent keys are skipped.
+
+        Raises:
+            EntryError: If any key or value is invalid; then nothing is written.
+            InvalidState: If the map is closed.
+
+        """
+        batch = list(items)
+        for key, value_json in batch:
+            validate_key(key)
+            if value_json is not None and not isinstance(value_json, str):
+                raise EntryError(f"value must be JSON text or None, not {type(value_json).__name__}")
+        self._check_open()
+        written = 0
+        with self._doc.transaction():
+            for key, value_json in batch:
+                if value_json is None and not self._is_live(key):
+                    continue
+                self._write(key, value_json)
+                written += 1
+        return written
+
+    def _write(self, key: str, value: str | None) -> None:
+        """Replace the slots of ``key`` with this node's; must run inside a transaction."""
+        node = self._node_id
+        t = self._clock.tick()
+        writers = self._slots.get(key)
+        before = None
+        if writers:
+            before = self._winner(key)
+            for writer in writers:
+                if writer != node:
+                    del self._map[slot_key(key, writer)]
+        self._map[slot_key(key, node)] = {"v": value, "t": t} if value is not None else {"t": t, "deleted": True}
+        # Index at once; the observer will see the same slots again and find nothing to do.
+        after = Slot(node, t, value)
+        self._slots[key] = {node: after}
+        self._settle(key, before, after)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidState("entry map is closed")
+
+    # -- index maintenance --------------------------------------------------------------------
+
+    def _on_map_event(self, event: pycrdt.MapEvent) -> None:
+        # {slot key: {"action": "add" | "update" | "delete", "newValue": ..., "oldValue": ...}}
+        changes: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]  # untyped slot
+        for name, change in changes.items():
+            parts = split_slot_key(name)
+            if parts is None:
+                continue
+            slot = None if change.get("action") == "delete" else _parse_slot(parts[1], change.get("newValue"))
+            self._apply(parts[0], parts[1], slot)
+
+    def _apply(self, key: str, writer: NodeId, slot: Slot | None) -> None:
+        """Index one slot of ``key``: ``slot`` is its new value, ``None`` if removed or malformed."""
+        writers = self._slots.get(key)
+        if writers is None:
+            if slot is not None:
+                self._clock.observe(slot.t)
+                self._slots[key] = {writer: slot}
+                self._settle(key, None, slot)
+            return
+        known = writers.get(writer)
+        if known == slot:
+            return
+        before = self._winner(key)
+        if slot is not None:
+            self._clock.observe(slot.t)
+            writers[writer] = slot
+        elif known is not None:
+            del writers[writer]
+            if not writers:
+                del self._slots[key]
+        self._settle(key, before, self._winner(key))
+
+    def _winner(self, key: str) -> Slot | None:
+        writers = self._slots.get(key)
+        if not writers:
+            return None
+        if len(writers) == 1:
+            for only in writers.values():
+                return only
+        return resolve(writers.values())
+
+    def _settle(self, key: str, before: Slot | None, after: Slot | None) -> None:
+        """Update the live count, conflict set and change log after ``key``'s slots changed."""
+        if len(self._slots.get(key, ())) > 1:
+            self._conflicted.add(key)
+        elif self._conflicted:
+            self._conflicted.discard(key)
+        if before == after:
+            return
+        was_live = before is not None and before.value is not None
+        is_live = after is not None and after.value is not None
+        self._live += is_live - was_live
+        if not (was_live or is_live):
+            return  # absent before and after: nothing visible changed
+        if after is None:
+            self._changes[key] = EntryChange(key, None, None, None)
+        else:
+            self._changes[key] = EntryChange(key, after.value, after.writer, after.t)
+
+    def _is_live(self, key: str) -> bool:
+        winner = self._winner(key)
+        return winner is not None and winner.value is not None
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        """
+        Read an entry.
+
+        Returns:
+            The entry, with its conflicting losers if any; ``None`` if it is absent (no slot, or the
+            winner is a tombstone). Invalid keys are absent.
+
+        """
+        writers = self._slots.get(key)
+        if not writers:
+            return None
+        if len(writers) == 1:
+            for only in writers.values():
+                if only.value is None:
+                    return None
+                return Entry(key, only.value, only.t, only.writer)
+        ranked = sorted(writers.values(), key=_ORDER, reverse=True)
+        winner = ranked[0]
+        if winner.value is None:
+            return None
+        return Entry(key, winner.value, winner.t, winner.writer, tuple(ranked[1:]))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Return the keys of live entries that start with ``prefix``, sorted (O(n log n))."""
+        return sorted(k for k in self._slots if k.startswith(prefix) and self._is_live(k))
+
+    def entries(self, prefix: str = "") -> Iterator[Entry]:
+        """Yield the live entries whose keys start with ``prefix``, sorted by key."""
+        for key in self.keys(prefix):
+            entry = self.get(key)
+            if entry is not None:
+                yield entry
+
+    def __len__(self) -> int:
+        """Return the number of live entries, in O(1)."""
+        return self._live
+
+    def __contains__(self, key: object) -> bool:
+        """Return whether ``key`` is a live entry."""
+        return isinstance(key, str) and self._is_live(key)
+
+    def conflicts(self) -> list[Entry]:
+        """Return the live entries that have conflicts, sorted by key (O(conflicted keys))."""
+        found = (self.get(key) for key in sorted(self._conflicted))
+        return [entry for entry in found if entry is not None]
+
+    def pop_changes(self) -> list[EntryChange]:
+        """
+        Return and forget the changes since the last call, local and remote alike.
+
+        Returns:
+            One :class:`EntryChange` per key whose resolved state changed (its latest state), in the
+            order keys were first affected. Changes between two absent states (e.g. a tombstone
+            replacing another) are left out. Until called, at most one change per key is held.
+
+        """
+        changes = list(self._changes.values())
+        self._changes.clear()
+        return changes
+
+    def close(self) -> None:
+        """Stop following the document. Reads still work, on a stale index; writes raise."""
+        if not self._closed:
+            self._closed = True
+            self._map.unobserve(self._subscription)

@@ -1,0 +1,542 @@
+"""Tests for ctxsync.entries: HLC, slot keys, and the multi-value register over real pycrdt docs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pycrdt import Doc, Map, Text, TransactionEvent
+
+from ctxsync.entries import (
+    MAX_KEY_CHARS,
+    SEPARATOR,
+    Clock,
+    Entry,
+    EntryChange,
+    EntryMap,
+    Slot,
+    format_hlc,
+    parse_hlc,
+    resolve,
+    slot_key,
+    split_slot_key,
+    validate_key,
+)
+from ctxsync.errors import EntryError, InvalidState
+from ctxsync.types import ENTRIES_ROOT, NodeId
+
+A, B, C = NodeId("node-a"), NodeId("node-b"), NodeId("node-c")
+
+
+class Wall:
+    """A wall clock in milliseconds that tests set by hand."""
+
+    def __init__(self, ms: int = 1_000_000) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+class Node:
+    """One replica: a doc, its entry map and a hand-set wall clock."""
+
+    def __init__(self, node_id: NodeId, ms: int = 1_000_000) -> None:
+        self.node_id = node_id
+        self.wall = Wall(ms)
+        self.clock = Clock(self.wall)
+        self.doc: Doc[Any] = Doc()
+        self.entries = EntryMap(self.doc, node_id, self.clock)
+
+    def update_since(self, state_vector: bytes) -> bytes:
+        return self.doc.get_update(state_vector)
+
+    def receive(self, *updates: bytes) -> None:
+        for update in updates:
+            with self.doc.transaction(origin="remote"):
+                self.doc.apply_update(update)
+
+
+def sync(*nodes: Node) -> None:
+    """Exchange missing updates between every ordered pair, so all nodes converge."""
+    for src, dst in itertools.permutations(nodes, 2):
+        dst.receive(src.update_since(dst.doc.get_state()))
+
+
+def raw_slots(doc: Doc[Any], key: str) -> dict[str, Any]:
+    """Return the root map's slots of ``key``, as stored."""
+    root = doc.get(ENTRIES_ROOT, type=Map)
+    return {name: root[name] for name in root.keys() if name.rpartition(SEPARATOR)[0] == key}
+
+
+def state(entries: EntryMap) -> list[Entry]:
+    return list(entries.entries())
+
+
+def fresh(updates: Iterable[bytes], node_id: NodeId = NodeId("observer")) -> EntryMap:
+    """Apply ``updates`` in order to a new doc that already has an entry map, and return it."""
+    doc: Doc[Any] = Doc()
+    entries = EntryMap(doc, node_id, Clock(Wall(0)))
+    for update in updates:
+        doc.apply_update(update)
+    return entries
+
+
+# -- HLC ---------------------------------------------------------------------------------------
+
+
+def test_tick_is_strictly_monotonic_when_wall_clock_stalls_or_goes_back() -> None:
+    """Ticks keep increasing while the wall clock is stuck or moves backwards."""
+    wall = Wall(5_000)
+    clock = Clock(wall)
+    ticks = [clock.tick() for _ in range(3)]
+    wall.ms = 4_000
+    ticks += [clock.tick() for _ in range(3)]
+    wall.ms = 6_000
+    ticks.append(clock.tick())
+    assert ticks == sorted(set(ticks))
+    assert [parse_hlc(t) for t in ticks] == [
+        (5_000, 0), (5_000, 1), (5_000, 2), (5_000, 3), (5_000, 4), (5_000, 5), (6_000, 0)
+    ]
+    assert clock.latest == ticks[-1]
+
+
+def test_observe_pushes_clock_forward_and_never_back() -> None:
+    """Observing a newer timestamp makes the next tick greater than it; an older one is ignored."""
+    clock = Clock(Wall(1_000))
+    remote = format_hlc(9_000, 7)
+    clock.observe(remote)
+    assert clock.latest == remote
+    assert parse_hlc(clock.tick()) == (9_000, 8)
+    clock.observe(format_hlc(2_000, 0))
+    assert parse_hlc(clock.tick()) == (9_000, 9)
+
+
+def test_counter_overflow_moves_wall_part_ahead() -> None:
+    """Past counter 0xffff the wall part moves one millisecond ahead and the counter restarts."""
+    clock = Clock(Wall(1_000))
+    clock.observe(format_hlc(1_000, 0xFFFE))
+    assert parse_hlc(clock.tick()) == (1_000, 0xFFFF)
+    assert parse_hlc(clock.tick()) == (1_001, 0)
+    assert parse_hlc(clock.tick()) == (1_001, 1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "zz", "0000000000001", "00000000000100000", "00000000000A0000", " 000000000010000", None, 12, b"0" * 16],
+)
+def test_malformed_timestamps_are_ignored_by_observe_and_rejected_by_parse(bad: Any) -> None:
+    """A malformed timestamp leaves the clock alone and makes parse_hlc raise EntryError."""
+    clock = Clock(Wall(1_000))
+    clock.observe(bad)
+    assert clock.latest == "0" * 16
+    with pytest.raises(EntryError):
+        parse_hlc(bad)
+
+
+def test_observe_ignores_timestamps_beyond_max_drift() -> None:
+    """A timestamp too far ahead of the wall clock is ignored unless max_drift_ms is None."""
+    far = format_hlc(1_000 + 86_400_001, 0)
+    bounded, unbounded = Clock(Wall(1_000)), Clock(Wall(1_000), max_drift_ms=None)
+    bounded.observe(far)
+    unbounded.observe(far)
+    assert bounded.latest == "0" * 16
+    assert unbounded.latest == far
+
+
+def test_tick_refuses_to_pass_the_end_of_time() -> None:
+    """The clock raises EntryError rather than wrap around past 2**48 - 1 ms."""
+    clock = Clock(Wall(0), max_drift_ms=None)
+    clock.observe("ffffffffffffffff")
+    with pytest.raises(EntryError):
+        clock.tick()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.tuples(st.integers(0, 2**48 - 1), st.integers(0, 0xFFFF)),
+    st.tuples(st.integers(0, 2**48 - 1), st.integers(0, 0xFFFF)),
+)
+def test_hlc_encoding_is_fixed_width_and_order_preserving(x: tuple[int, int], y: tuple[int, int]) -> None:
+    """Encoded timestamps are 16 characters, round-trip, and compare like (wall_ms, counter)."""
+    ex, ey = format_hlc(*x), format_hlc(*y)
+    assert len(ex) == len(ey) == 16
+    assert parse_hlc(ex) == x
+    assert (ex < ey) == (x < y)
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["", "a\x1fb", SEPARATOR, "k" * (MAX_KEY_CHARS + 1), 5])
+def test_invalid_keys_are_rejected(key: Any) -> None:
+    """Empty, too long, non-string and separator-bearing keys raise EntryError and write nothing."""
+    with pytest.raises(EntryError):
+        validate_key(key)
+    node = Node(A)
+    before = node.doc.get_state()
+    with pytest.raises(EntryError):
+        node.entries.set(key, "1")
+    with pytest.raises(EntryError):
+        node.entries.set_many([("ok", "1"), (key, "2")])
+    assert node.doc.get_state() == before
+
+
+@pytest.mark.parametrize("key", ["k", "k" * MAX_KEY_CHARS, "a/b c.d", "ünï😀", "x\x00y", "\n"])
+def test_slot_keys_round_trip(key: str) -> None:
+    """Any valid key and writer split back from their slot key."""
+    validate_key(key)
+    assert split_slot_key(slot_key(key, A)) == (key, A)
+
+
+@pytest.mark.parametrize("slot", ["plain", "k\x1f", "\x1fnode", "a\x1fb\x1fnode", "k" * 1025 + "\x1fn"])
+def test_unparsable_slot_keys_split_to_none(slot: str) -> None:
+    """Slot keys without a valid entry key and writer give None."""
+    assert split_slot_key(slot) is None
+
+
+def test_resolve_takes_latest_timestamp_then_greatest_writer() -> None:
+    """The winner is the greatest (t, writer); tombstones take part; no slots give None."""
+    old, new = format_hlc(1, 0), format_hlc(2, 0)
+    assert resolve([Slot(C, old, "1"), Slot(A, new, None)]) == Slot(A, new, None)
+    assert resolve([Slot(A, new, "1"), Slot(B, new, "2")]) == Slot(B, new, "2")
+    assert resolve([]) is None
+
+
+# -- one node ----------------------------------------------------------------------------------
+
+
+def test_set_get_delete_keys_and_len() -> None:
+    """Entries can be written, read, listed by prefix, counted and deleted."""
+    entries = Node(A).entries
+    entries.set("app/b", '"two"')
+    entries.set("app/a", "1")
+    entries.set("other", "null")
+    assert entries.keys() == ["app/a", "app/b", "other"]
+    assert entries.keys("app/") == ["app/a", "app/b"]
+    assert [e.key for e in entries.entries("app/")] == ["app/a", "app/b"]
+    assert len(entries) == 3 and "other" in entries
+    got = entries.get("app/b")
+    assert got is not None and (got.value, got.writer, got.conflicts) == ('"two"', A, ())
+    entries.set("app/b", "2")
+    assert entries.get("app/b") == Entry("app/b", "2", entries.get("app/b").t, A)  # type: ignore[union-attr]
+    assert entries.delete("app/a") is True
+    assert entries.get("app/a") is None and "app/a" not in entries
+    assert entries.keys() == ["app/b", "other"] and len(entries) == 2
+    entries.set("app/a", "3")
+    assert len(entries) == 3
+
+
+@pytest.mark.parametrize(
+    "text", ["3", "3.0", "12345678901234567890", "1e400", '{"a": [1, 2.5]}', '"\\u00e9"', "[]", "  true "]
+)
+def test_json_text_is_preserved_exactly(text: str) -> None:
+    """A value reads back as the very JSON text written, on this node and on a peer."""
+    a, b = Node(A), Node(B)
+    a.entries.set("k", text)
+    sync(a, b)
+    assert a.entries.get("k").value == text  # type: ignore[union-attr]
+    assert b.entries.get("k").value == text  # type: ignore[union-attr]
+
+
+def test_deleting_an_absent_key_writes_nothing() -> None:
+    """delete() of a missing or already deleted key returns False and leaves the doc unchanged."""
+    node = Node(A)
+    assert node.entries.delete("missing") is False
+    node.entries.set("k", "1")
+    assert node.entries.delete("k") is True
+    before = node.doc.get_state()
+    assert node.entries.delete("k") is False
+    assert node.entries.set_many([("k", None), ("missing", None)]) == 0
+    assert node.doc.get_state() == before
+
+
+def test_set_many_is_one_transaction_and_applies_in_order() -> None:
+    """set_many writes and deletes in one transaction, in order, and counts the writes."""
+    node = Node(A)
+    node.entries.set("gone", "0")
+    node.entries.pop_changes()
+    updates: list[bytes] = []
+    node.doc.observe(lambda event: updates.append(event.update))
+    count = node.entries.set_many([("a", "1"), ("b", "2"), ("a", "3"), ("gone", None), ("never", None)])
+    assert count == 4 and len(updates) == 1
+    assert node.entries.keys() == ["a", "b"]
+    assert node.entries.get("a").value == "3"  # type: ignore[union-attr]
+    assert list(raw_slots(node.doc, "a")) == [slot_key("a", A)]
+    assert [(c.key, c.value) for c in node.entries.pop_changes()] == [("a", "3"), ("b", "2"), ("gone", None)]
+
+
+def test_writes_join_the_callers_transaction() -> None:
+    """Writes inside an outer transaction reuse it and its origin, and see each other."""
+    node = Node(A)
+    origins: list[Any] = []
+    root = node.doc.get(ENTRIES_ROOT, type=Map)
+    root.observe(lambda event: origins.append(event.transaction.origin))
+    with node.doc.transaction(origin="local"):
+        node.entries.set("k", "1")
+        node.entries.set("k", "2")
+        assert node.entries.delete("k") is True
+        node.entries.set("k", "3")
+    assert origins == ["local"]
+    assert node.entries.get("k").value == "3"  # type: ignore[union-attr]
+    assert list(raw_slots(node.doc, "k")) == [slot_key("k", A)]
+
+
+def test_entry_map_indexes_existing_content_and_observes_its_timestamps() -> None:
+    """A new EntryMap over a filled doc reads its entries and moves its clock past them."""
+    a = Node(A, ms=5_000)
+    a.entries.set("k", "1")
+    a.entries.set("gone", "1")
+    a.entries.delete("gone")
+    clock = Clock(Wall(1_000))
+    entries = EntryMap(a.doc, B, clock)
+    assert entries.keys() == ["k"] and len(entries) == 1
+    assert clock.latest == a.clock.latest
+    assert entries.pop_changes() == []
+
+
+def test_invalid_node_id_is_rejected() -> None:
+    """A node id that is empty or holds the separator cannot write slots."""
+    for bad in ("", "n\x1fm"):
+        with pytest.raises(EntryError):
+            EntryMap(Doc(), NodeId(bad), Clock())
+
+
+def test_close_stops_indexing_and_writes() -> None:
+    """After close() remote updates are no longer indexed and writes raise InvalidState."""
+    a, b = Node(A), Node(B)
+    b.entries.close()
+    b.entries.close()
+    a.entries.set("k", "1")
+    sync(a, b)
+    assert b.entries.get("k") is None
+    with pytest.raises(InvalidState):
+        b.entries.set("k", "2")
+
+
+# -- two or more nodes -------------------------------------------------------------------------
+
+
+def test_sequential_writes_leave_one_slot_and_the_later_wins() -> None:
+    """A write made after seeing another replaces it, even from a node whose wall clock is behind."""
+    a, b = Node(A, ms=9_000_000), Node(B, ms=1_000_000)
+    a.entries.set("k", '"from a"')
+    sync(a, b)
+    assert b.clock.latest == a.clock.latest  # b's clock observed a's write
+    b.entries.set("k", '"from b"')
+    assert b.clock.latest > a.clock.latest
+    sync(a, b)
+    for node in (a, b):
+        assert list(raw_slots(node.doc, "k")) == [slot_key("k", B)]
+        assert node.entries.get("k") == Entry("k", '"from b"', b.clock.latest, B)
+    a.entries.set("k", '"from a again"')
+    sync(a, b)
+    assert state(a.entries) == state(b.entries) == [Entry("k", '"from a again"', a.clock.latest, A)]
+
+
+@pytest.mark.parametrize(
+    ("writers", "latest"), [(ws, w) for ws in ((A, B), (A, B, C)) for w in ws]
+)
+def test_concurrent_writes_converge_to_the_latest_in_every_delivery_order(
+    writers: tuple[NodeId, ...], latest: NodeId
+) -> None:
+    """Concurrent writes resolve to the one with the latest HLC, whatever the node ids and order."""
+    nodes = [Node(w, ms=500_000) for w in writers]
+    nodes[0].entries.set("k", '"base"')
+    sync(*nodes)
+    base_update, base = nodes[0].doc.get_update(), nodes[0].doc.get_state()
+    for i, node in enumerate(nodes):
+        node.wall.ms = 2_000_000 if node.node_id == latest else 1_000_000 + i
+        node.entries.set("k", f'"{node.node_id}"')
+    updates = [node.update_since(base) for node in nodes]
+    losers = sorted((n for n in nodes if n.node_id != latest), key=lambda n: n.clock.latest, reverse=True)
+    results = []
+    for order in itertools.permutations(updates):
+        entries = fresh([base_update, *order])
+        got = entries.get("k")
+        assert got is not None
+        assert got.value == f'"{latest}"' and got.writer == latest
+        assert got.conflicts == tuple(Slot(n.node_id, n.clock.latest, f'"{n.node_id}"') for n in losers)
+        assert entries.conflicts() == [got] and len(entries) == 1
+        results.append(got)
+    assert all(r == results[0] for r in results)
+    sync(*nodes)
+    assert all(state(n.entries) == [results[0]] for n in nodes)
+    loser = next(n for n in nodes if n.node_id != latest)
+    loser.entries.set("k", '"resolved"')
+    sync(*nodes)
+    for node in nodes:
+        assert node.entries.get("k") == Entry("k", '"resolved"', loser.clock.latest, loser.node_id)
+        assert node.entries.conflicts() == [] and len(raw_slots(node.doc, "k")) == 1
+
+
+def test_equal_timestamps_are_broken_by_node_id() -> None:
+    """Two writes with the same HLC resolve to the greater node id on every node."""
+    a, b = Node(A, ms=7_000), Node(B, ms=7_000)
+    a.entries.set("k", '"a"')
+    b.entries.set("k", '"b"')
+    assert a.clock.latest == b.clock.latest
+    sync(a, b)
+    assert state(a.entries) == state(b.entries)
+    assert a.entries.get("k").writer == B  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("deleter_is_later", [True, False])
+def test_concurrent_delete_and_write_resolve_to_the_later(deleter_is_later: bool) -> None:
+    """A delete racing a write wins if it is later, and loses if it is earlier."""
+    a, b = Node(A, ms=1_000_000), Node(B, ms=1_000_000)
+    a.entries.set("k", '"v0"')
+    sync(a, b)
+    (a if deleter_is_later else b).wall.ms = 2_000_000
+    assert a.entries.delete("k") is True
+    b.entries.set("k", '"v1"')
+    sync(a, b)
+    assert state(a.entries) == state(b.entries)
+    if deleter_is_later:
+        assert a.entries.get("k") is None and len(a.entries) == 0
+    else:
+        got = a.entries.get("k")
+        assert got is not None and got.value == '"v1"'
+        assert [(s.writer, s.value) for s in got.conflicts] == [(A, None)]
+
+
+def test_writes_to_different_keys_never_conflict() -> None:
+    """Concurrent writes to distinct keys all survive, without conflicts."""
+    nodes = [Node(A), Node(B), Node(C)]
+    for i, node in enumerate(nodes):
+        node.entries.set(f"k{i}", str(i))
+        node.entries.set("shared/" + node.node_id, "true")
+    sync(*nodes)
+    for node in nodes:
+        assert node.entries.keys() == ["k0", "k1", "k2", "shared/node-a", "shared/node-b", "shared/node-c"]
+        assert node.entries.conflicts() == [] and len(node.entries) == 6
+
+
+def test_pop_changes_reports_local_and_remote_changes() -> None:
+    """pop_changes gives each changed key once, first-affected first, with its resolved state."""
+    a, b = Node(A, ms=1_000_000), Node(B, ms=1_000_000)
+    a.entries.set("x", "1")
+    a.entries.set("y", "2")
+    a.entries.set("x", "3")
+    assert [(c.key, c.value) for c in a.entries.pop_changes()] == [("x", "3"), ("y", "2")]
+    assert a.entries.pop_changes() == []
+    sync(a, b)
+    assert b.entries.pop_changes() == [
+        EntryChange("x", "3", A, a.entries.get("x").t),  # type: ignore[union-attr]
+        EntryChange("y", "2", A, a.entries.get("y").t),  # type: ignore[union-attr]
+    ]
+    a.entries.delete("y")
+    sync(a, b)
+    assert b.entries.pop_changes() == [EntryChange("y", None, A, a.clock.latest)]
+
+
+def test_an_older_concurrent_write_arriving_changes_nothing_visible() -> None:
+    """A losing concurrent write makes a conflict but no change record on the winner's node."""
+    a, b = Node(A, ms=1_000_000), Node(B, ms=2_000_000)
+    a.entries.set("k", '"old"')
+    b.entries.set("k", '"new"')
+    b.entries.pop_changes()
+    sync(a, b)
+    assert b.entries.pop_changes() == []
+    assert [s.value for s in b.entries.get("k").conflicts] == ['"old"']  # type: ignore[union-attr]
+    assert a.entries.pop_changes() == [EntryChange("k", '"new"', B, b.clock.latest)]
+
+
+def test_malformed_remote_slots_are_ignored() -> None:
+    """Bad slots written by a buggy peer never crash reads and never count as entries."""
+    good = {"v": "1", "t": format_hlc(1_000, 0)}
+    bad: dict[str, Any] = {
+        slot_key("int", A): 42,
+        slot_key("string", A): "text",
+        slot_key("no-t", A): {"v": "1"},
+        slot_key("int-t", A): {"v": "1", "t": 5},
+        slot_key("short-t", A): {"v": "1", "t": "0001"},
+        slot_key("upper-t", A): {"v": "1", "t": "00000000000A0000"},
+        slot_key("number-v", A): {"v": 1.5, "t": good["t"]},
+        slot_key("no-v", A): {"t": good["t"]},
+        slot_key("false-deleted", A): {"t": good["t"], "deleted": False},
+        slot_key("nested", A): Map(good),
+        slot_key("mixed", A): 7,
+        "no separator": good,
+        SEPARATOR + "node-a": good,
+        "k" + SEPARATOR: good,
+        "a" + SEPARATOR + "b" + SEPARATOR + "node-a": good,
+        slot_key("ok", A): good,
+        slot_key("mixed", B): good,
+    }
+    remote: Doc[Any] = Doc()
+    remote_root = remote.get(ENTRIES_ROOT, type=Map)
+    with remote.transaction():
+        for name, value in bad.items():
+            remote_root[name] = value
+    update = remote.get_update()
+    local = Node(C)  # indexes the slots as they arrive
+    local.receive(update)
+    late_doc: Doc[Any] = Doc()
+    late_doc.apply_update(update)
+    late = EntryMap(late_doc, C, Clock())  # indexes the slots already there
+    for entries in (local.entries, late):
+        assert entries.keys() == ["mixed", "ok"] and len(entries) == 2
+        assert entries.get("int") is None and entries.get("nested") is None
+        assert entries.get("mixed") == Entry("mixed", "1", good["t"], B)
+        assert [e.key for e in entries.entries()] == ["mixed", "ok"] and entries.conflicts() == []
+    local.entries.set("mixed", "2")
+    assert local.entries.get("mixed") == Entry("mixed", "2", local.clock.latest, C)
+
+
+def test_text_root_syncs_untouched_alongside_entries() -> None:
+    """A Y.Text root in the same doc is neither read nor disturbed by the entry map."""
+    a, b = Node(A), Node(B)
+    text_a = a.doc.get("notes", type=Text)
+    text_a += "hello"
+    a.entries.set("k", "1")
+    sync(a, b)
+    text_b = b.doc.get("notes", type=Text)
+    text_b += " world"
+    b.entries.set("k", "2")
+    sync(a, b)
+    assert str(text_a) == str(text_b) == "hello world"
+    assert state(a.entries) == state(b.entries) and a.entries.get("k").value == "2"  # type: ignore[union-attr]
+    assert a.entries.pop_changes()[-1].value == "2"
+
+
+# -- property: convergence and index consistency -------------------------------------------------
+
+_op = st.tuples(
+    st.integers(0, 2),  # node
+    st.sampled_from(["a", "b", "c"]),  # key
+    st.one_of(st.none(), st.integers(0, 9).map(str)),  # value; None deletes
+    st.integers(0, 3),  # wall clock step in ms
+    st.booleans(),  # sync everyone afterwards
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_op, max_size=25))
+def test_random_histories_converge_and_keep_the_index_exact(ops: list[tuple[int, str, str | None, int, bool]]) -> None:
+    """After any history and a full sync, all nodes agree, and each index equals a fresh one."""
+    nodes = [Node(A, ms=1_000), Node(B, ms=1_000), Node(C, ms=1_000)]
+    for index, key, value, step, sync_after in ops:
+        node = nodes[index]
+        node.wall.ms += step
+        if value is None:
+            node.entries.delete(key)
+        else:
+            node.entries.set(key, value)
+        if sync_after:
+            sync(*nodes)
+    sync(*nodes)
+    expected = state(nodes[0].entries)
+    for node in nodes:
+        rebuilt = EntryMap(node.doc, node.node_id, Clock())
+        assert state(node.entries) == state(rebuilt) == expected
+        assert len(node.entries) == len(rebuilt) == len(expected)
+        assert node.entries.conflicts() == rebuilt.conflicts()
+        changes = {c.key: c for c in node.entries.pop_changes()}
+        for key in changes:
+            entry = node.entries.get(key)
+            assert changes[key].value == (entry.value if entry else None)
