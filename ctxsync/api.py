@@ -1,0 +1,260 @@
+"""
+Local control API: JSON requests over a websocket on loopback, guarded by a token.
+
+The CLI (through :class:`ctxsync.client.Client`) and applications use it. One websocket
+carries many requests; each is a JSON object ``{"id": N, "op": "...", ...}`` and is answered
+by ``{"id": N, "ok": true, "result": ...}`` or ``{"id": N, "ok": false, "error": {"code",
+"message"}}``. Requests run concurrently, so a client may pipeline writes. ``watch`` answers
+with a stream of ``{"id": N, "event": "change", ...}`` messages. docs/api.md lists the ops.
+
+The opening handshake must carry ``Authorization: Bearer <token>`` (the token file of the
+home); anything else is refused with HTTP 401 and logged as ``api.denied``, as is a Host
+header that is not a loopback name (DNS rebinding).
+
+Entry values travel as the exact JSON text they were stored as: responses embed it raw, so
+``3`` stays ``3`` and large integers keep every digit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from ctxsync.entries import Entry
+from ctxsync.errors import CtxSyncError, EntryError, NotFound, StoreError
+from ctxsync.mesh import Change, Mesh
+from ctxsync.types import DocId
+
+log = structlog.get_logger("ctxsync.api")
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def _dump_raw(obj: dict[str, Any], raw: dict[str, str]) -> str:
+    """JSON-encode ``obj`` and splice in ``raw`` fields whose values are JSON text already."""
+    text = json.dumps(obj, separators=(",", ":"))
+    if not raw:
+        return text
+    extra = ",".join(f"{json.dumps(k)}:{v}" for k, v in raw.items())
+    return text[:-1] + ("," if len(obj) else "") + extra + "}"
+
+
+def _entry_json(entry: Entry, *, conflicts: bool = False) -> str:
+    parts = [f'"key":{json.dumps(entry.key)}', f'"value":{entry.value}', f'"writer":{json.dumps(entry.writer)}', f'"t":"{entry.t}"']
+    if conflicts:
+        losers = ",".join(
+            "{" + f'"writer":{json.dumps(s.writer)},"t":"{s.t}","value":{s.value if s.value is not None else "null"},"deleted":{"true" if s.value is None else "false"}' + "}"
+            for s in entry.conflicts
+        )
+        parts.append(f'"conflicts":[{losers}]')
+    return "{" + ",".join(parts) + "}"
+
+
+def _change_json(req_id: Any, change: Change) -> str:
+    value = change.value if change.value is not None else "null"
+    return (
+        "{" + f'"id":{json.dumps(req_id)},"event":"change","context":{json.dumps(change.context)},'
+        f'"key":{json.dumps(change.key)},"value":{value},"deleted":{"true" if change.value is None else "false"},'
+        f'"origin":{json.dumps(change.origin)},"version":{change.version}' + "}"
+    )
+
+
+class Api:
+    """
+    The local API server.
+
+    Args:
+        mesh: Read and written through its narrow public methods.
+        token: The shared secret clients must present.
+        status: Returns the full status object (the daemon adds process figures to the mesh's).
+        reload_peers: Re-reads peers.toml and applies it; returns the new peer count.
+    """
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        *,
+        token: str,
+        status: Callable[[], dict[str, Any]],
+        reload_peers: Callable[[], Awaitable[int]],
+        stop: Callable[[], None],
+    ) -> None:
+        self.mesh = mesh
+        self.token = token
+        self.status = status
+        self.reload_peers = reload_peers
+        self.stop = stop
+
+    async def listen(self, host: str, port: int) -> Server:
+        """Start listening on ``host:port``. Raises OSError if the address is taken."""
+        return await serve(
+            self._connection,
+            host,
+            port,
+            process_request=self._check_request,
+            compression=None,
+            max_size=MAX_REQUEST_BYTES,
+            ping_interval=None,
+            server_header=None,
+        )
+
+    def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        auth = request.headers.get("Authorization", "")
+        host = request.headers.get("Host", "").rsplit(":", 1)[0] if request.headers.get("Host") else ""
+        if host and host not in _LOOPBACK_HOSTS and not host.startswith("127."):
+            log.warning("api.denied", reason="foreign host header", host=host)
+            return conn.respond(HTTPStatus.FORBIDDEN, "foreign Host header refused\n")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            log.warning("api.denied", reason="browser origin", origin=origin)
+            return conn.respond(HTTPStatus.FORBIDDEN, "cross-origin requests refused\n")
+        expected = f"Bearer {self.token}"
+        if not hmac.compare_digest(auth.encode(), expected.encode()):
+            log.warning("api.denied", reason="missing token" if not auth else "wrong token")
+            resp = conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API token\n")
+            resp.headers = Headers([*resp.headers.raw_items(), ("WWW-Authenticate", "Bearer")])
+            return resp
+        return None
+
+    async def _connection(self, conn: ServerConnection) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async for raw in conn:
+                try:
+                    req = json.loads(raw)
+                    if not isinstance(req, dict):
+                        raise ValueError("request must be a JSON object")
+                except ValueError as exc:
+                    await conn.send(json.dumps({"id": None, "ok": False, "error": {"code": "bad_request", "message": str(exc)}}))
+                    continue
+                task = asyncio.create_task(self._handle(conn, req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except Exception as exc:  # connection dropped mid-request
+            log.debug("api.connection_closed", reason=str(exc))
+        finally:
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, conn: ServerConnection, req: dict[str, Any]) -> None:
+        req_id = req.get("id")
+        try:
+            op = req.get("op")
+            handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                raise _BadRequest(f"unknown op {op!r}")
+            text = await handler(conn, req_id, req)
+            if text is not None:
+                await conn.send(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, NotFound):
+                code = "not_found"
+            elif isinstance(exc, StoreError):
+                code = "store_error"
+            elif isinstance(exc, (EntryError, _BadRequest, ValueError)):
+                code = "bad_request"
+            else:
+                code = "error"
+            if code == "error" and not isinstance(exc, CtxSyncError):
+                log.exception("api.error", op=req.get("op"))
+            with contextlib.suppress(Exception):
+                await conn.send(json.dumps({"id": req_id, "ok": False, "error": {"code": code, "message": str(exc)}}))
+
+    @staticmethod
+    def _ok(req_id: Any, result: Any = None, raw: str | None = None) -> str:
+        if raw is not None:
+            return '{"id":' + json.dumps(req_id) + ',"ok":true,"result":' + raw + "}"
+        return json.dumps({"id": req_id, "ok": True, "result": result}, separators=(",", ":"))
+
+    # -- ops: each returns the response text (or None when it streamed) ---------------
+
+    async def _op_status(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        return self._ok(req_id, self.status())
+
+    async def _op_get(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        ctx = _doc_id(req)
+        key = req.get("key")
+        if key is None:
+            entries = self.mesh.entries(ctx, _str(req, "prefix", ""))
+            obj = "{" + ",".join(f"{json.dumps(e.key)}:{e.value}" for e in entries) + "}"
+            return self._ok(req_id, raw=obj)
+        if not isinstance(key, str):
+            raise _BadRequest("key must be a string")
+        entry = self.mesh.get(ctx, key)
+        return self._ok(req_id, raw=_entry_json(entry, conflicts=bool(req.get("conflicts"))))
+
+    async def _op_keys(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        return self._ok(req_id, self.mesh.keys(_doc_id(req), _str(req, "prefix", "")))
+
+    async def _op_set(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        items = req.get("items")
+        if not isinstance(items, list) or not items:
+            raise _BadRequest("items must be a non-empty list of [key, value_json_or_null]")
+        pairs: list[tuple[str, str | None]] = []
+        for it in items:
+            if not (isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and (it[1] is None or isinstance(it[1], str))):
+                raise _BadRequest("each item must be [key, value_json_or_null]")
+            if it[1] is not None:
+                try:
+                    json.loads(it[1])
+                except ValueError as exc:
+                    raise _BadRequest(f"value of {it[0]!r} is not JSON text: {exc}") from None
+            pairs.append((it[0], it[1]))
+        version, changed = await self.mesh.write(_doc_id(req), pairs)
+        return self._ok(req_id, {"version": version, "changed": changed})
+
+    async def _op_watch(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> None:
+        ctx = req.get("context")
+        if ctx is not None and not isinstance(ctx, str):
+            raise _BadRequest("context must be a string")
+        sub = self.mesh.subscribe(DocId(ctx) if ctx else None, _str(req, "prefix", ""))
+        try:
+            await conn.send(self._ok(req_id, {"watching": ctx, "prefix": _str(req, "prefix", "")}))
+            while True:
+                change = await sub.queue.get()
+                if change is None:
+                    await conn.send(json.dumps({"id": req_id, "event": "overflow" if sub.overflowed else "end"}))
+                    return
+                await conn.send(_change_json(req_id, change))
+        finally:
+            self.mesh.unsubscribe(sub)
+
+    async def _op_reload_peers(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        return self._ok(req_id, {"peers": await self.reload_peers()})
+
+    async def _op_stop(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        self.stop()
+        return self._ok(req_id, {"stopping": True})
+
+
+class _BadRequest(CtxSyncError):
+    pass
+
+
+def _str(req: dict[str, Any], name: str, default: str) -> str:
+    v = req.get(name, default)
+    if not isinstance(v, str):
+        raise _BadRequest(f"{name} must be a string")
+    return v
+
+
+def _doc_id(req: dict[str, Any]) -> DocId:
+    v = req.get("context")
+    if not isinstance(v, str) or not v:
+        raise _BadRequest("context must be a non-empty string")
+    return DocId(v)

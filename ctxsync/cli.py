@@ -1,0 +1,397 @@
+"""
+Command line: ``ctxsync COMMAND [--home DIR] ...`` (the contract in DESIGN.md).
+
+Machine-readable output is JSON. Errors go to stderr as one line that says what is wrong
+and what to do; the exit code is 1 for a failed request and 2 for bad usage (argparse).
+Commands that talk to the daemon (set, get, del, keys, watch, status) go through
+:class:`ctxsync.client.Client`; init, id, export and peer work on the home's files and tell
+a running daemon about peer changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ctxsync.errors import ApiError, CtxSyncError, NotFound
+
+DEFAULT_LISTEN = "0.0.0.0:47100"
+DEFAULT_API = "127.0.0.1:47200"
+
+
+class _Fail(Exception):
+    """A failed request: message for stderr, exit 1."""
+
+
+def _home(args: argparse.Namespace) -> Path:
+    h = args.home or os.environ.get("CTXSYNC_HOME") or "~/.ctxsync"
+    return Path(h).expanduser()
+
+
+def _json_value(text: str) -> str:
+    """VALUE as JSON text: the text itself if it is valid JSON, else the JSON string of it."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        json.loads(text, parse_constant=no_constants)
+        return text.strip()
+    except ValueError:
+        return json.dumps(text)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# -- commands on the home's files ------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ctxsync import config
+    from ctxsync.crypto import generate_identity
+    from ctxsync.daemon import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE
+
+    home = _home(args)
+    if (home / config.CONFIG_FILE).exists() or (home / KEY_FILE).exists():
+        raise _Fail(f"{home} already holds a ctxsync node; refusing to replace its identity (use another --home)")
+    base: config.NodeConfig | None = None
+    if args.config:
+        try:
+            base = config.parse(Path(args.config).read_text(), {}, path=args.config)
+        except OSError as exc:
+            raise _Fail(f"cannot read {args.config}: {exc.strerror}") from None
+    name = args.name or (base.name if base else None) or _default_name()
+    listen = config.parse_hostport(args.listen, key="--listen") if args.listen else (base.listen if base else config.parse_hostport(DEFAULT_LISTEN))
+    api = config.parse_hostport(args.api, key="--api") if args.api else (base.api if base else config.parse_hostport(DEFAULT_API))
+    if base is not None:
+        cfg = config.NodeConfig(name=name, listen=listen, api=api, sync=base.sync, store=base.store, log=base.log)
+    else:
+        cfg = config.NodeConfig(name=name, listen=listen, api=api)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    ident = generate_identity(name)
+    config.write_atomic(home / KEY_FILE, ident.key_pem.decode(), mode=0o600)
+    config.write_atomic(home / CERT_FILE, ident.cert_pem.decode(), mode=0o644)
+    config.write_atomic(home / TOKEN_FILE, secrets.token_urlsafe(32) + "\n", mode=0o600)
+    config.write_atomic(home / config.CONFIG_FILE, config.dump_node(cfg), mode=0o600)
+    from ctxsync.store import Store
+
+    async def create_store() -> None:
+        async with Store(home / STORE_FILE):
+            pass
+
+    asyncio.run(create_store())
+    os.chmod(home / STORE_FILE, 0o600)
+    print(ident.node_id)
+    return 0
+
+
+def _default_name() -> str:
+    import socket
+
+    return socket.gethostname().split(".")[0][:64] or "node"
+
+
+def _identity(home: Path) -> tuple[str, bytes]:
+    from ctxsync.crypto import node_id_from_cert
+    from ctxsync.daemon import CERT_FILE
+
+    try:
+        cert = (home / CERT_FILE).read_bytes()
+    except FileNotFoundError:
+        raise _Fail(f"{home} is not a ctxsync home: run `ctxsync init --home {home}` first") from None
+    return node_id_from_cert(cert), cert
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    print(_identity(_home(args))[0])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ctxsync import config
+    from ctxsync.crypto import PeerCard, encode_peer_card
+
+    home = _home(args)
+    node_id, cert = _identity(home)
+    cfg = config.load(home, os.environ)
+    addr = args.addr
+    if addr is None:
+        host, port = cfg.listen
+        if host in ("0.0.0.0", "::", ""):
+            host = _lan_address()
+        addr = config.format_hostport(host, port) if host else None
+    print(encode_peer_card(PeerCard(node_id=node_id, name=cfg.name, addr=addr, cert_pem=cert)))  # type: ignore[arg-type]
+    return 0
+
+
+def _lan_address() -> str | None:
+    import socket
+
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+    return addr
+
+
+def _notify_daemon(home: Path) -> str:
+    from ctxsync.client import Client
+
+    async def go() -> int:
+        async with Client.for_home(home, open_timeout=2.0) as c:
+            return await c.reload_peers()
+
+    try:
+        asyncio.run(go())
+        return " (the running daemon applied it)"
+    except ApiError as exc:
+        if exc.code == "unavailable":
+            return " (daemon not running: it applies this when started)"
+        return f" (daemon not told: {exc}; it re-reads peers.toml within seconds)"
+
+
+def cmd_peer_add(args: argparse.Namespace) -> int:
+    from ctxsync import config
+    from ctxsync.crypto import decode_peer_card
+
+    home = _home(args)
+    own_id, _ = _identity(home)
+    card = decode_peer_card(args.card)
+    if card.node_id == own_id:
+        raise _Fail("that card is this node's own: add the card printed by `ctxsync export` on the other node")
+    cfg = config.load(home, os.environ)
+    addr_text = args.addr or card.addr
+    addr = config.parse_hostport(addr_text, key="--addr") if addr_text else None
+    contexts = tuple(c.strip() for c in args.contexts.split(",") if c.strip()) if args.contexts else ("*",)
+    peer = config.PeerConfig(
+        node_id=card.node_id,
+        name=card.name,
+        cert_pem=card.cert_pem.decode() if isinstance(card.cert_pem, bytes) else card.cert_pem,
+        addr=addr,
+        contexts=contexts,
+        read_only=args.read_only,
+    )
+    peers = [p for p in cfg.peers if p.node_id != peer.node_id] + [peer]
+    config.write_atomic(home / config.PEERS_FILE, config.dump_peers(peers), mode=0o600)
+    verb = "updated" if len(peers) == len(cfg.peers) else "added"
+    print(f"peer {verb}: {peer.name} {peer.node_id}{_notify_daemon(home)}", file=sys.stderr)
+    return 0
+
+
+def cmd_peer_list(args: argparse.Namespace) -> int:
+    from ctxsync import config
+
+    cfg = config.load(_home(args), os.environ)
+    rows = [
+        {
+            "node_id": p.node_id,
+            "name": p.name,
+            "addr": config.format_hostport(*p.addr) if p.addr else None,
+            "contexts": list(p.contexts),
+            "read_only": p.read_only,
+        }
+        for p in cfg.peers
+    ]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            ro = " read-only" if r["read_only"] else ""
+            print(f"{r['name']:<16} {r['node_id']}  {r['addr'] or '-':<22} {','.join(r['contexts'])}{ro}")
+    return 0
+
+
+def cmd_peer_remove(args: argparse.Namespace) -> int:
+    from ctxsync import config
+    from ctxsync.crypto import parse_node_id
+
+    home = _home(args)
+    cfg = config.load(home, os.environ)
+    try:
+        target = parse_node_id(args.node_id)
+        match = [p for p in cfg.peers if p.node_id == target]
+    except CtxSyncError:
+        match = [p for p in cfg.peers if p.name == args.node_id]
+    if not match:
+        raise _Fail(f"no paired peer {args.node_id!r} (see `ctxsync peer list`)")
+    if len(match) > 1:
+        raise _Fail(f"{args.node_id!r} names several peers: give the node id")
+    peers = [p for p in cfg.peers if p.node_id != match[0].node_id]
+    config.write_atomic(home / config.PEERS_FILE, config.dump_peers(peers), mode=0o600)
+    print(f"peer removed: {match[0].name} {match[0].node_id}{_notify_daemon(home)}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ctxsync.daemon import run
+
+    return run(_home(args), os.environ)
+
+
+# -- commands through the API ----------------------------------------------------------
+
+
+def _with_client(args: argparse.Namespace, fn: Any) -> Any:
+    from ctxsync.client import Client
+
+    async def go() -> Any:
+        async with Client.for_home(_home(args)) as c:
+            return await fn(c)
+
+    return asyncio.run(go())
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    value = _json_value(args.value)
+    _with_client(args, lambda c: c.set(args.context, args.key, value))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    if args.key is None:
+        _print_json(_with_client(args, lambda c: c.get_all(args.context)))
+        return 0
+    entry = _with_client(args, lambda c: c.get(args.context, args.key, conflicts=args.conflicts))
+    if args.conflicts:
+        _print_json(entry)
+    else:
+        _print_json(entry["value"])
+    return 0
+
+
+def cmd_del(args: argparse.Namespace) -> int:
+    if not _with_client(args, lambda c: c.delete(args.context, args.key)):
+        raise NotFound(f"no key {args.key!r} in context {args.context!r}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    _print_json(_with_client(args, lambda c: c.keys(args.context, args.prefix)))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    async def go(c: Any) -> None:
+        def ready() -> None:
+            print(f"ctxsync: watching {args.context} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+        async for change in c.watch(args.context, args.prefix, on_ready=ready):
+            _print_json(change)
+
+    try:
+        _with_client(args, go)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _with_client(args, lambda c: c.status())
+    if args.json:
+        _print_json(st)
+        return 0
+    proc = st["process"]
+    print(f"node     {st['name']}  {st['node_id']}")
+    print(f"listen   {st['listen']}   rss {proc['rss_bytes'] / 2**20:.1f} MiB   cpu {proc['cpu_percent']}%   uptime {proc['uptime_s']} s")
+    ctxs = ", ".join(f"{k} ({v['entries']} entries, v{v['version']})" for k, v in st["contexts"].items()) or "none"
+    print(f"contexts {ctxs}")
+    print()
+    print(f"{'PEER':<14} {'NODE':<8} {'CONNECTED':<10} {'RTT_MS':>8}  {'SENT':>10} {'RECEIVED':>10}  IN SYNC")
+    for p in st["peers"]:
+        rtt = f"{p['rtt_ms']:.2f}" if p["rtt_ms"] is not None else "-"
+        insync = " ".join(f"{k}:{'yes' if v else 'no'}" for k, v in p["contexts"].items()) or "-"
+        print(
+            f"{p['name'][:14]:<14} {p['node_id'][:7]:<8} {('yes' if p['connected'] else 'no'):<10} {rtt:>8}  "
+            f"{p['sent_bytes']:>10} {p['received_bytes']:>10}  {insync}"
+        )
+    if not st["peers"]:
+        print("(no peers: pair with `ctxsync export` and `ctxsync peer add`)")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, help="node home directory (default $CTXSYNC_HOME, else ~/.ctxsync)")
+    p = argparse.ArgumentParser(prog="ctxsync", description="Keep shared key/value contexts in sync between machines.", parents=[common])
+    p.set_defaults(home=None)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, parents=[common], description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("init", cmd_init, "create a node home: identity, API token, config, store; print the node id")
+    sp.add_argument("--name", help="human name of this node (default: host name)")
+    sp.add_argument("--listen", metavar="HOST:PORT", help=f"peer listener (default {DEFAULT_LISTEN})")
+    sp.add_argument("--api", metavar="HOST:PORT", help=f"local API listener (default {DEFAULT_API})")
+    sp.add_argument("--config", metavar="FILE", help="start from this config.toml (e.g. peers/alice.toml)")
+    add("id", cmd_id, "print this node's id")
+    sp = add("export", cmd_export, "print this node's one-line peer card")
+    sp.add_argument("--addr", metavar="HOST:PORT", help="address peers should dial (default: the listen address)")
+
+    peer = sub.add_parser("peer", help="pair, list and remove peers", parents=[common])
+    psub = peer.add_subparsers(dest="peer_command", required=True, metavar="ACTION")
+    sp = psub.add_parser("add", help="pair with the node of a peer card", parents=[common])
+    sp.set_defaults(fn=cmd_peer_add)
+    sp.add_argument("card")
+    sp.add_argument("--addr", metavar="HOST:PORT", help="dial this address instead of the card's")
+    sp.add_argument("--contexts", metavar="A,B", help="contexts shared with this peer ('*' = all, the default)")
+    sp.add_argument("--read-only", action="store_true", help="accept no updates from this peer")
+    sp = psub.add_parser("list", help="list paired peers", parents=[common])
+    sp.set_defaults(fn=cmd_peer_list)
+    sp.add_argument("--json", action="store_true")
+    sp = psub.add_parser("remove", help="unpair a peer (by node id or name)", parents=[common])
+    sp.set_defaults(fn=cmd_peer_remove)
+    sp.add_argument("node_id", metavar="NODE_ID")
+
+    add("run", cmd_run, "run the daemon in the foreground (JSON log lines on stdout)")
+    sp = add("set", cmd_set, "set KEY of CONTEXT to VALUE (JSON if it parses, else a string); exit 0 once durable")
+    sp.add_argument("context")
+    sp.add_argument("key")
+    sp.add_argument("value")
+    sp = add("get", cmd_get, "print KEY's value as JSON, or the whole context as an object")
+    sp.add_argument("context")
+    sp.add_argument("key", nargs="?")
+    sp.add_argument("--conflicts", action="store_true", help="print the entry with every concurrent value")
+    sp = add("del", cmd_del, "delete KEY of CONTEXT")
+    sp.add_argument("context")
+    sp.add_argument("key")
+    sp = add("keys", cmd_keys, "print the keys of CONTEXT as a JSON array")
+    sp.add_argument("context")
+    sp.add_argument("--prefix", default="")
+    sp = add("watch", cmd_watch, "print one JSON object per change of CONTEXT")
+    sp.add_argument("context")
+    sp.add_argument("--prefix", default="")
+    sp = add("status", cmd_status, "show node, peers (connected, rtt, in sync per context) and memory")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code (0 ok, 1 failed request, 2 bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except NotFound as exc:
+        print(f"ctxsync: not found: {exc}", file=sys.stderr)
+        return 1
+    except (_Fail, CtxSyncError) as exc:
+        print(f"ctxsync: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

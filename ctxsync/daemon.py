@@ -1,0 +1,198 @@
+"""
+Composition root: builds store -> mesh -> peer listener -> API -> stats, and runs them
+until a signal says stop.
+
+The only module that builds concrete objects and wires them (Syncthing's
+``lib/syncthing/syncthing.go``). Shutdown order: stop accepting API and peer connections,
+tell peers Goodbye, then close the store last so every queued update is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ctxsync import __version__, config, transport
+from ctxsync.api import Api
+from ctxsync.crypto import node_id_from_cert
+from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
+from ctxsync.log import configure_logging
+from ctxsync.mesh import Mesh
+from ctxsync.metrics import ProcessSampler, log_stats
+from ctxsync.store import Store
+from ctxsync.types import NodeId
+
+log = structlog.get_logger("ctxsync.daemon")
+
+KEY_FILE = "node.key"
+CERT_FILE = "node.crt"
+TOKEN_FILE = "api.token"
+STORE_FILE = "store.db"
+PEERS_POLL_S = 2.0
+
+
+class Daemon:
+    """
+    One node's daemon, for one home directory.
+
+    Args:
+        home: The node's home (config.toml, node.key, node.crt, api.token, store.db).
+        env: Environment for ``CTXSYNC_*`` overrides.
+    """
+
+    def __init__(self, home: Path, env: Mapping[str, str]) -> None:
+        self.home = home
+        self.env = env
+        self.config = config.load(home, env)
+        try:
+            cert = (home / CERT_FILE).read_bytes()
+            (home / KEY_FILE).stat()
+            self.token = (home / TOKEN_FILE).read_text().strip()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{exc.filename} is missing: is {home} a ctxsync home? (`ctxsync init`)") from None
+        self.node_id: NodeId = node_id_from_cert(cert)
+        self.stopping = asyncio.Event()
+        self.sampler = ProcessSampler()
+        self.store: Store | None = None
+        self.mesh: Mesh | None = None
+        self._peers_mtime = self._mtime()
+
+    def _mtime(self) -> float:
+        try:
+            return (self.home / config.PEERS_FILE).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def status(self) -> dict[str, Any]:
+        """The status object of ``ctxsync status --json`` (mesh + process + store)."""
+        assert self.mesh is not None and self.store is not None
+        st = self.mesh.status()
+        st["process"] = self.sampler.sample()
+        s = self.store.stats()
+        st["store"] = {"path": s.path, "size_bytes": s.size_bytes, "commits": s.commits, "appends": s.appends}
+        st["version"] = __version__
+        st["listen"] = config.format_hostport(*self.config.listen)
+        return st
+
+    async def reload_peers(self) -> int:
+        """Re-read peers.toml and make it the live peer list; return the peer count."""
+        assert self.mesh is not None
+        self._peers_mtime = self._mtime()
+        peers = config.load(self.home, self.env).peers
+        self.mesh.set_peers(peers)
+        return len(peers)
+
+    async def _watch_peers_file(self) -> None:
+        # The CLI tells a running daemon about peer changes through the API; this poll
+        # catches edits made by hand or while the API call failed.
+        while True:
+            await asyncio.sleep(PEERS_POLL_S)
+            if self._mtime() != self._peers_mtime:
+                try:
+                    n = await self.reload_peers()
+                    log.info("config.reloaded", peers=n)
+                except ConfigError as exc:
+                    log.error("config.reload_failed", error=str(exc))
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.log.stats_interval_s)
+            log_stats(self.status())
+
+    async def run(self) -> None:
+        """Run until SIGINT/SIGTERM (or the API's stop op), then shut down cleanly."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        async with Store(self.home / STORE_FILE, compact_threshold=cfg.store.compact_threshold) as store:
+            self.store = store
+            mesh = self.mesh = Mesh(
+                node_id=self.node_id,
+                config=cfg,
+                store=store,
+                cert_path=self.home / CERT_FILE,
+                key_path=self.home / KEY_FILE,
+            )
+            await mesh.load()
+            listener = await transport.listen(
+                mesh.run_channel,
+                cfg.listen[0],
+                cfg.listen[1],
+                ssl_context=transport.listening_context(mesh.server_context),
+                max_frame_bytes=cfg.sync.max_frame_bytes,
+                ping_interval=cfg.sync.ping_interval_s,
+                ping_timeout=cfg.sync.ping_timeout_s,
+            )
+            api = Api(mesh, token=self.token, status=self.status, reload_peers=self.reload_peers, stop=self.stopping.set)
+            try:
+                api_server = await api.listen(*cfg.api)
+            except OSError as exc:
+                listener.close()
+                raise ConfigError(f"cannot listen on {config.format_hostport(*cfg.api)}: {exc.strerror}", key="node.api") from None
+            mesh.start_peers()
+            log.info(
+                "node.started",
+                name=cfg.name,
+                version=__version__,
+                listen=config.format_hostport(*cfg.listen),
+                api=config.format_hostport(*cfg.api),
+                peers=len(cfg.peers),
+                contexts=len(mesh.contexts),
+                entries=sum(len(c.entries) for c in mesh.contexts.values()),
+            )
+            background = [
+                asyncio.create_task(self._stats_loop(), name="stats"),
+                asyncio.create_task(self._watch_peers_file(), name="peers-file"),
+            ]
+            try:
+                await self.stopping.wait()
+            finally:
+                log.info("node.stopping")
+                for t in background:
+                    t.cancel()
+                api_server.close()
+                listener.close()
+                await mesh.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(listener.wait_closed(), 3)
+                    await asyncio.wait_for(api_server.wait_closed(), 3)
+            # Leaving the store's context commits everything queued, then closes it.
+        log.info("node.stopped", reason="signal")
+
+
+def run(home: Path, env: Mapping[str, str]) -> int:
+    """
+    Run the daemon in the foreground (``ctxsync run``).
+
+    Returns:
+        0 after a clean shutdown, 1 if it could not start (the reason on stderr and in
+        a ``node.failed`` event).
+    """
+    try:
+        cfg = config.load(home, env)
+        cert = (home / CERT_FILE).read_bytes()
+        configure_logging(level=cfg.log.level, json=True, node_id=node_id_from_cert(cert))
+    except FileNotFoundError as exc:
+        print(f"ctxsync: error: {exc.filename} is missing: run `ctxsync init --home {home}` first", file=sys.stderr)
+        return 1
+    except (ConfigError, CryptoError) as exc:
+        print(f"ctxsync: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        daemon = Daemon(home, env)
+        asyncio.run(daemon.run())
+    except CtxSyncError as exc:
+        log.error("node.failed", error=str(exc), error_type=type(exc).__name__)
+        print(f"ctxsync: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

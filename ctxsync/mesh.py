@@ -1,0 +1,584 @@
+"""
+The mesh: contexts, peer sessions, the dialer, and the routing of updates.
+
+:class:`Mesh` owns every context (a pycrdt ``Doc`` + its :class:`~ctxsync.entries.EntryMap`),
+every live :class:`~ctxsync.session.PeerSession` and a dial loop per configured peer. It is
+the :class:`~ctxsync.session.SessionHandler` of all sessions. Its rules:
+
+- A local write is applied to the document, sent at once to every open session the
+  context is shared with, and acknowledged to its caller once the store committed it.
+- An update received from a peer is applied in one transaction tagged with the peer as
+  origin. Only what was new to this node (the transaction's own update) is stored and
+  relayed, to every other peer sharing the context, never back to where it came from.
+  A duplicate (already seen) update stops here, so a mesh with cycles does not echo.
+- On every (re)connect each side sends sync step 1 per shared context; the answer (step 2)
+  carries exactly what the asker lacks.
+- One connection per pair: if both nodes dial each other, the connection dialed by the
+  smaller node id is kept on both sides.
+
+Everything runs on the event loop thread; documents are never touched from another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pycrdt
+import structlog
+
+from ctxsync import transport
+from ctxsync.codec import Message, SyncStep1, SyncStep2, SyncUpdate
+from ctxsync.config import NodeConfig, PeerConfig, format_hostport
+from ctxsync.crypto import client_tls_context, server_tls_context
+from ctxsync.entries import Clock, Entry, EntryMap, validate_key
+from ctxsync.errors import (
+    EntryError,
+    HandshakeRejected,
+    NotFound,
+    PeerError,
+    RemoteProtocolError,
+)
+from ctxsync.protocol import PeerProtocol
+from ctxsync.session import PeerSession
+from ctxsync.store import Store
+from ctxsync.types import DocId, NodeId, is_valid_doc_id
+
+log = structlog.get_logger("ctxsync.mesh")
+
+_EMPTY_UPDATE = b"\x00\x00"
+_EMPTY_STATE_VECTOR = b"\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One visible change of an entry, as ``watch`` reports it."""
+
+    context: DocId
+    key: str
+    value: str | None
+    """New value as JSON text; None when the entry was deleted."""
+    origin: str
+    """Node id of the writer of the change."""
+    version: int
+    """The context's local version after the change."""
+
+
+class Context:
+    """One context: its document, entries, local version and the update its last transaction made."""
+
+    def __init__(self, doc_id: DocId, node_id: NodeId, clock: Clock, *, version: int = 0) -> None:
+        self.doc_id = doc_id
+        self.doc = pycrdt.Doc()
+        self.version = version
+        """Local change counter: +1 per transaction that changed the document."""
+        self._captured: list[bytes] = []
+        self._sub = self.doc.observe(self._on_transaction)
+        self.entries = EntryMap(self.doc, node_id, clock)
+
+    def _on_transaction(self, event: Any) -> None:
+        self._captured.append(event.update)
+
+    def take_update(self) -> bytes | None:
+        """Return the update made by the transactions since the last call, or None if nothing changed."""
+        captured, self._captured = self._captured, []
+        real = [u for u in captured if u != _EMPTY_UPDATE]
+        if not real:
+            return None
+        if len(real) == 1:
+            return real[0]
+        return pycrdt.merge_updates(*real)
+
+    def load(self, updates: list[bytes]) -> None:
+        """Apply stored updates (checkpoint first) at startup; nothing is relayed."""
+        with self.doc.transaction(origin="store"):
+            for u in updates:
+                self.doc.apply_update(u)
+        self._captured.clear()
+        self.entries.pop_changes()
+
+
+class _Subscription:
+    def __init__(self, context: DocId | None, prefix: str, maxsize: int) -> None:
+        self.context = context
+        self.prefix = prefix
+        self.queue: asyncio.Queue[Change | None] = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+    def offer(self, change: Change) -> None:
+        if self.overflowed:
+            return
+        if self.context is not None and change.context != self.context:
+            return
+        if not change.key.startswith(self.prefix):
+            return
+        try:
+            self.queue.put_nowait(change)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)  # tells the reader it fell behind
+
+
+@dataclass
+class PeerState:
+    """What the mesh knows of one configured peer, beyond its config."""
+
+    config: PeerConfig
+    session: PeerSession | None = None
+    dial_task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reconnects: int = 0
+    last_error: str = ""
+    connected_since: float | None = None
+
+
+def backoff(min_s: float, max_s: float, *, factor: float = 2.0) -> Iterator[float]:
+    """
+    Yield reconnect delays in seconds: exponential from ``min_s`` to ``max_s`` with full jitter.
+
+    Modeled on websockets ``client.backoff()``; jitter keeps a restarted mesh from
+    reconnecting in lockstep.
+    """
+    delay = min_s
+    while True:
+        yield random.uniform(min_s / 2, delay)
+        delay = min(delay * factor, max_s)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Tell whether a failed dial or session deserves another dial (all but a rejected identity)."""
+    return isinstance(exc, (PeerError, OSError)) and not isinstance(exc, HandshakeRejected)
+
+
+class Mesh:
+    """
+    Contexts and peers of this node.
+
+    Args:
+        node_id: This node's id.
+        config: The node's configuration (its ``peers`` are the initial peer list).
+        store: The opened store.
+        cert_path: This node's certificate file (PEM).
+        key_path: This node's private key file (PEM).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: NodeId,
+        config: NodeConfig,
+        store: Store,
+        cert_path: Path,
+        key_path: Path,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.store = store
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.clock = Clock()
+        self.contexts: dict[DocId, Context] = {}
+        self.peers: dict[NodeId, PeerState] = {}
+        self._subs: set[_Subscription] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server_ctx: ssl.SSLContext | None = None
+        self._stopping = False
+        self.updates_received = 0
+        self.updates_sent = 0
+        self.protocol_errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild every context from the store."""
+        for stored in await self.store.load_all():
+            ctx = Context(stored.doc_id, self.node_id, self.clock, version=stored.version)
+            ctx.load(stored.updates)
+            self.contexts[stored.doc_id] = ctx
+
+    def start_peers(self) -> None:
+        """Start a dial loop for every configured peer (call once, inside the running loop)."""
+        self.set_peers(self.config.peers)
+
+    async def stop(self) -> None:
+        """Say Goodbye to every peer, stop dialing, end every session."""
+        self._stopping = True
+        for st in self.peers.values():
+            if st.dial_task:
+                st.dial_task.cancel()
+        sessions = [st.session for st in self.peers.values() if st.session]
+        await asyncio.gather(*(s.close("node stopping") for s in sessions), return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sub in list(self._subs):
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- peers -----------------------------------------------------------------------
+
+    def set_peers(self, peers: tuple[PeerConfig, ...]) -> None:
+        """
+        Make ``peers`` the live peer list: new peers are dialed, removed ones are cut off at
+        once (their session closed, their certificate no longer trusted), changed ones are
+        redialed.
+        """
+        wanted = {p.node_id: p for p in peers}
+        for pid in list(self.peers):
+            if pid not in wanted:
+                st = self.peers.pop(pid)
+                if st.dial_task:
+                    st.dial_task.cancel()
+                if st.session:
+                    self._spawn(st.session.close("peer removed"), f"close-{pid[:7]}")
+                log.info("peer.removed", peer_id=pid)
+        for pid, pcfg in wanted.items():
+            st = self.peers.get(pid)
+            if st is None:
+                st = self.peers[pid] = PeerState(pcfg)
+                log.info("peer.added", peer_id=pid, peer_name=pcfg.name)
+            elif st.config != pcfg:
+                st.config = pcfg
+                if st.session:
+                    self._spawn(st.session.close("peer changed"), f"close-{pid[:7]}")
+                if st.dial_task:
+                    st.dial_task.cancel()
+                    st.dial_task = None
+            if st.dial_task is None and pcfg.addr is not None and not self._stopping:
+                st.dial_task = self._spawn(self._dial_loop(st), f"dial-{pid[:7]}")
+        self._server_ctx = None
+        self.config = dataclasses.replace(self.config, peers=tuple(peers))
+
+    def server_context(self) -> ssl.SSLContext:
+        """TLS context trusting exactly the peers paired now (rebuilt after each change)."""
+        if self._server_ctx is None:
+            self._server_ctx = server_tls_context(
+                self.cert_path, self.key_path, [st.config.cert_pem.encode() for st in self.peers.values()]
+            )
+        return self._server_ctx
+
+    async def _dial_loop(self, st: PeerState) -> None:
+        sync = self.config.sync
+        delays = backoff(sync.reconnect_min_s, sync.reconnect_max_s)
+        # Both sides dial; the larger node id waits a moment so the kept connection
+        # (the smaller id's) usually comes first.
+        if self.node_id > st.config.node_id:
+            await asyncio.sleep(random.uniform(0.05, 0.3))
+        while not self._stopping:
+            if st.session is not None:
+                st.wake.clear()
+                await st.wake.wait()
+                delays = backoff(sync.reconnect_min_s, sync.reconnect_max_s)
+                continue
+            pcfg = st.config
+            assert pcfg.addr is not None
+            try:
+                ctx = client_tls_context(self.cert_path, self.key_path, pcfg.cert_pem.encode())
+                channel = await transport.dial(
+                    pcfg.addr[0],
+                    pcfg.addr[1],
+                    ssl_context=ctx,
+                    expected_peer=pcfg.node_id,
+                    max_frame_bytes=sync.max_frame_bytes,
+                    ping_interval=sync.ping_interval_s,
+                    ping_timeout=sync.ping_timeout_s,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                st.last_error = str(exc)
+                if not is_retryable(exc):
+                    log.warning("peer.dial_failed", peer_id=pcfg.node_id, reason=str(exc), retry=False)
+                    return
+                delay = next(delays)
+                log.debug("peer.dial_failed", peer_id=pcfg.node_id, reason=str(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+                continue
+            await self.run_channel(channel)
+            await asyncio.sleep(next(delays) if st.session is None else 0)
+
+    async def run_channel(self, channel: transport.Channel) -> None:
+        """Run a session over an authenticated channel (dialed, or accepted by the listener)."""
+        st = self.peers.get(channel.peer_id)
+        if st is None:
+            log.warning(
+                "peer.rejected", peer_id=channel.peer_id, addr=channel.remote_address, reason="not paired", stage="peer_list"
+            )
+            await channel.close("not paired")
+            return
+        sync = self.config.sync
+        protocol = PeerProtocol(
+            self.node_id,
+            self.config.name,
+            expected_peer=channel.peer_id,
+            max_frame_bytes=sync.max_frame_bytes,
+            max_message_bytes=sync.max_message_bytes,
+        )
+        session = PeerSession(channel, protocol, self)
+        try:
+            await session.run()
+        except Exception:
+            log.exception("session.crashed", peer_id=channel.peer_id, session_id=session.session_id)
+
+    # -- SessionHandler --------------------------------------------------------------
+
+    def on_session_open(self, session: PeerSession) -> None:
+        st = self.peers.get(session.peer_id)
+        if st is None:  # removed while handshaking
+            self._spawn(session.close("not paired"), "close-unpaired")
+            return
+        current = st.session
+        if current is not None and current is not session:
+            keep_dialed = self.node_id < session.peer_id  # the smaller id's dial wins
+            keep_new = session.channel.dialed == keep_dialed
+            loser = current if keep_new else session
+            self._spawn(loser.close("duplicate connection"), "close-duplicate")
+            if not keep_new:
+                return
+        st.session = session
+        st.connected_since = time.monotonic()
+        st.reconnects += 1
+        log.info(
+            "peer.connected",
+            peer_id=session.peer_id,
+            peer_name=session.protocol.peer_name,
+            addr=session.channel.remote_address,
+            dialed=session.channel.dialed,
+            session_id=session.session_id,
+        )
+        for ctx in self.contexts.values():
+            if st.config.shares(ctx.doc_id):
+                session.send_step1(ctx.doc_id, ctx.doc.get_state())
+
+    def on_session_closed(self, session: PeerSession, reason: str) -> None:
+        st = self.peers.get(session.peer_id)
+        if st is not None and st.session is session:
+            st.session = None
+            st.connected_since = None
+            st.wake.set()
+            log.info(
+                "peer.disconnected",
+                peer_id=session.peer_id,
+                session_id=session.session_id,
+                reason=reason,
+                duration_s=round(time.monotonic() - session.opened_at, 3),
+            )
+        if reason.startswith("protocol error"):
+            self.protocol_errors += 1
+
+    def resync_update(self, session: PeerSession, doc_id: DocId) -> bytes | None:
+        ctx = self.contexts.get(doc_id)
+        if ctx is None:
+            return None
+        return ctx.doc.get_update(session.remote_state_vectors.get(doc_id, _EMPTY_STATE_VECTOR))
+
+    def on_message(self, session: PeerSession, message: Message) -> None:
+        st = self.peers.get(session.peer_id)
+        if st is None or st.session is not session:
+            return  # a closing duplicate or a removed peer: ignore
+        if not isinstance(message, (SyncStep1, SyncStep2, SyncUpdate)):
+            raise RemoteProtocolError(f"unexpected {type(message).__name__}")
+        doc_id = message.doc_id
+        if not st.config.shares(doc_id):
+            log.info("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason="context not shared")
+            return
+        if isinstance(message, SyncStep1):
+            ctx = self._context(doc_id, create=True)
+            session.remote_state_vectors[doc_id] = message.state_vector
+            try:
+                answer = ctx.doc.get_update(message.state_vector)
+            except BaseException as exc:
+                _reraise_fatal(exc)
+                raise RemoteProtocolError(f"invalid state vector for {doc_id}: {exc}") from None
+            session.send_step2(doc_id, answer)
+            if doc_id not in session.step1_sent_at:
+                session.send_step1(doc_id, ctx.doc.get_state())
+            return
+        updates = [message.update] if isinstance(message, SyncStep2) else list(message.updates)
+        if st.config.read_only:
+            if any(u != _EMPTY_UPDATE for u in updates):
+                log.warning("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason="read-only peer")
+        else:
+            self._apply_remote(session, doc_id, updates)
+        if isinstance(message, SyncStep2) and not session.synced.get(doc_id, True):
+            session.synced[doc_id] = True
+            started = session.step1_sent_at.get(doc_id, time.monotonic())
+            log.info(
+                "sync.completed",
+                peer_id=session.peer_id,
+                doc_id=doc_id,
+                received_bytes=len(message.update),
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+                session_id=session.session_id,
+            )
+
+    def _apply_remote(self, session: PeerSession, doc_id: DocId, updates: list[bytes]) -> None:
+        ctx = self._context(doc_id, create=True)
+        self.updates_received += len(updates)
+        session.stats.received_updates += len(updates)
+        try:
+            with ctx.doc.transaction(origin=session.peer_id):
+                for u in updates:
+                    ctx.doc.apply_update(u)
+        except BaseException as exc:
+            _reraise_fatal(exc)
+            ctx.take_update()
+            raise RemoteProtocolError(f"update rejected for {doc_id}: {type(exc).__name__}: {exc}") from None
+        update = ctx.take_update()
+        if update is None:
+            return
+        self._committed(ctx, update, exclude=session.peer_id)
+        fut = self.store.append_nowait(doc_id, ctx.version, update)
+        fut.add_done_callback(_log_store_failure)
+
+    # -- contexts and local writes ---------------------------------------------------
+
+    def _context(self, doc_id: DocId, *, create: bool) -> Context:
+        ctx = self.contexts.get(doc_id)
+        if ctx is None:
+            if not create:
+                raise NotFound(f"no context {doc_id!r}")
+            if not is_valid_doc_id(doc_id):
+                raise EntryError(f"invalid context name {doc_id!r}: use 1-128 of A-Z a-z 0-9 . _ - :")
+            ctx = self.contexts[doc_id] = Context(doc_id, self.node_id, self.clock)
+            log.info("context.created", doc_id=doc_id)
+            # Peers already connected learn of it by sync step 1, like any context at connect.
+            for st in self.peers.values():
+                if st.session is not None and st.session.is_open and st.config.shares(doc_id):
+                    st.session.send_step1(doc_id, ctx.doc.get_state())
+        return ctx
+
+    def _committed(self, ctx: Context, update: bytes, *, exclude: NodeId | None) -> None:
+        """Count a new version, tell watchers, and send ``update`` to the peers sharing the context."""
+        ctx.version += 1
+        for ch in ctx.entries.pop_changes():
+            change = Change(ctx.doc_id, ch.key, ch.value, ch.writer or "", ctx.version)
+            for sub in self._subs:
+                sub.offer(change)
+        for pid, st in self.peers.items():
+            if pid == exclude or st.session is None or not st.session.is_open:
+                continue
+            if st.config.shares(ctx.doc_id):
+                st.session.send_update(ctx.doc_id, update)
+                self.updates_sent += 1
+
+    async def write(self, doc_id: DocId, items: list[tuple[str, str | None]]) -> tuple[int, int]:
+        """
+        Set (value JSON text) or delete (None) entries of a context in one transaction.
+
+        Returns once the change is committed to the store.
+
+        Args:
+            doc_id: The context; created on first write.
+            items: ``(key, value_json_or_None)`` pairs, applied in order.
+
+        Returns:
+            ``(version, changed)``: the context's version after the write, and how many
+            entries the write changed (0 when it was a no-op, e.g. deleting absent keys).
+
+        Raises:
+            EntryError: A bad context name, key, or a value over ``max_value_bytes``.
+            StoreError: The store could not commit; nothing was acknowledged.
+        """
+        limit = self.config.sync.max_value_bytes
+        for key, value in items:
+            validate_key(key)
+            if value is not None and len(value.encode()) > limit:
+                raise EntryError(f"value of {key!r} is {len(value.encode())} bytes; the limit is {limit}")
+        ctx = self._context(doc_id, create=True)
+        with ctx.doc.transaction(origin="local"):
+            changed = ctx.entries.set_many(items)
+        update = ctx.take_update()
+        if update is None:
+            return ctx.version, 0
+        self._committed(ctx, update, exclude=None)
+        version = ctx.version
+        await self.store.append(doc_id, version, update)
+        return version, changed
+
+    def get(self, doc_id: DocId, key: str) -> Entry:
+        """Return the entry, or raise NotFound."""
+        entry = self._context(doc_id, create=False).entries.get(key)
+        if entry is None:
+            raise NotFound(f"no key {key!r} in context {doc_id!r}")
+        return entry
+
+    def entries(self, doc_id: DocId, prefix: str = "") -> list[Entry]:
+        """Every live entry of a context (sorted by key); raise NotFound for an unknown context."""
+        return list(self._context(doc_id, create=False).entries.entries(prefix))
+
+    def keys(self, doc_id: DocId, prefix: str = "") -> list[str]:
+        """Live keys of a context, sorted; an unknown context has none."""
+        ctx = self.contexts.get(doc_id)
+        return ctx.entries.keys(prefix) if ctx else []
+
+    def subscribe(self, context: DocId | None, prefix: str = "", *, maxsize: int = 10_000) -> _Subscription:
+        """Start receiving :class:`Change` objects (None means the subscriber fell behind)."""
+        sub = _Subscription(context, prefix, maxsize)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscription) -> None:
+        """Stop a subscription."""
+        self._subs.discard(sub)
+
+    # -- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready picture of this node's peers and contexts (``ctxsync status``)."""
+        peers = []
+        for pid, st in sorted(self.peers.items(), key=lambda kv: kv[1].config.name):
+            s = st.session
+            shared = [d for d in sorted(self.contexts) if st.config.shares(d)]
+            peers.append(
+                {
+                    "node_id": pid,
+                    "name": st.config.name,
+                    "addr": format_hostport(*st.config.addr) if st.config.addr else None,
+                    "connected": bool(s and s.is_open),
+                    "rtt_ms": round(s.channel.rtt_s() * 1000, 3) if s and s.is_open else None,
+                    "sent_bytes": s.stats.sent_bytes if s else 0,
+                    "received_bytes": s.stats.received_bytes if s else 0,
+                    "sent_updates": s.stats.sent_updates if s else 0,
+                    "received_updates": s.stats.received_updates if s else 0,
+                    "queued_bytes": s.queued_bytes if s else 0,
+                    "reconnects": max(st.reconnects - 1, 0),
+                    "last_error": st.last_error or None,
+                    "contexts": {
+                        d: bool(s and s.is_open and s.synced.get(d, False) and s.queued_bytes == 0) for d in shared
+                    },
+                }
+            )
+        return {
+            "node_id": self.node_id,
+            "name": self.config.name,
+            "contexts": {d: {"entries": len(c.entries), "version": c.version} for d, c in sorted(self.contexts.items())},
+            "peers": peers,
+        }
+
+
+def _reraise_fatal(exc: BaseException) -> None:
+    """Re-raise what must never be swallowed; pycrdt panics (BaseException) are not among them."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError, GeneratorExit)):
+        raise exc
+
+
+def _log_store_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("store.append_failed", error=str(fut.exception()))
