@@ -1,0 +1,164 @@
+"""
+Real daemons for integration tests: ``ctxsync`` subprocesses on loopback, one home each.
+
+:class:`Node` runs the CLI exactly as a user would (``python -m ctxsync ...``), starts
+``ctxsync run`` with its JSON log going to a file, and reads that log back as events.
+Only processes started here are ever signalled, by their own PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import wait_until_sync
+
+TIMEOUT_FACTOR = float(os.environ.get("CTXSYNC_TESTS_TIMEOUT_FACTOR", "1"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Node:
+    """One ctxsync node: a home in ``tmp_path`` and, while running, its daemon process."""
+
+    def __init__(self, root: Path, name: str, *, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.home = root / name
+        self.listen_port = free_port()
+        self.api_port = free_port()
+        self.log_path = root / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
+            **os.environ,
+            "CTXSYNC_STATS_INTERVAL_S": "1",
+            **(env or {}),
+        }
+        self.env.pop("CTXSYNC_HOME", None)
+        self.node_id = ""
+
+    # -- CLI -------------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run ``ctxsync ARGS --home HOME``; with ``check``, fail the test on a non-zero exit."""
+        cp = subprocess.run(
+            [sys.executable, "-m", "ctxsync", *args, "--home", str(self.home)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout * TIMEOUT_FACTOR,
+        )
+        if check and cp.returncode != 0:
+            raise AssertionError(f"ctxsync {' '.join(args)} on {self.name} exited {cp.returncode}: {cp.stderr.strip()}")
+        return cp
+
+    def init(self, *extra: str) -> str:
+        """``ctxsync init`` with free loopback ports; return the node id."""
+        out = self.cli(
+            "init", "--name", self.name, "--listen", f"127.0.0.1:{self.listen_port}", "--api", f"127.0.0.1:{self.api_port}", *extra
+        )
+        self.node_id = out.stdout.strip()
+        return self.node_id
+
+    def card(self) -> str:
+        """This node's peer card (``ctxsync export``)."""
+        return self.cli("export").stdout.strip()
+
+    def pair(self, other: Node) -> None:
+        """Pair both ways through peer cards."""
+        self.cli("peer", "add", other.card())
+        other.cli("peer", "add", self.card())
+
+    def get(self, context: str, key: str | None = None) -> Any:
+        """``ctxsync get``; returns the parsed JSON, or None if it exits 1 (absent)."""
+        args = ["get", context] + ([key] if key is not None else [])
+        cp = self.cli(*args, check=False)
+        if cp.returncode == 1:
+            return None
+        assert cp.returncode == 0, cp.stderr
+        return json.loads(cp.stdout)
+
+    def status(self) -> dict[str, Any]:
+        """``ctxsync status --json``."""
+        return dict(json.loads(self.cli("status", "--json").stdout))
+
+    # -- daemon ----------------------------------------------------------------------
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start ``ctxsync run``; with ``wait``, return once ``node.started`` is logged."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ctxsync", "run", "--home", str(self.home)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        log.close()
+        if wait:
+            wait_until_sync(lambda: self._started() or self._died(), 20 * TIMEOUT_FACTOR)
+            assert not self._died(), f"{self.name} exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
+
+    def _started(self) -> bool:
+        return any(e["event"] == "node.started" for e in self.events(since_start=True))
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 20.0) -> int:
+        """Signal the daemon (only the one this object started) and wait; return its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout * TIMEOUT_FACTOR)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL, for cleanup."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def events(self, name: str | None = None, *, since_start: bool = False) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines (parsed); non-JSON lines fail the test."""
+        if not self.log_path.exists():
+            return []
+        data = self.log_path.read_bytes()
+        if since_start:
+            data = data[getattr(self, "_log_offset", 0) :]
+        out = []
+        for line in data.decode(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                raise AssertionError(f"{self.name}: log line is not JSON: {line!r}") from None
+            if name is None or ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def connected_to(self, *others: Node) -> bool:
+        """True when ``status`` shows every one of ``others`` connected."""
+        st = self.status()
+        up = {p["node_id"] for p in st["peers"] if p["connected"]}
+        return all(o.node_id in up for o in others)
+
+
+def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    """wait_until_sync with the suite's timeout factor applied."""
+    wait_until_sync(predicate, timeout * TIMEOUT_FACTOR)
+
+

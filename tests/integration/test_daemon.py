@@ -1,0 +1,240 @@
+"""End to end: real daemons as subprocesses, driven through the CLI on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.nodes import Node, wait_for
+
+pytestmark = pytest.mark.integration
+
+MakeNode = Callable[..., Node]
+
+
+def mesh3(make_node: MakeNode) -> tuple[Node, Node, Node]:
+    a, b, c = make_node("alice"), make_node("bob"), make_node("carol")
+    a.pair(b)
+    a.pair(c)
+    b.pair(c)
+    for n in (a, b, c):
+        n.start()
+    wait_for(lambda: a.connected_to(b, c) and b.connected_to(c))
+    return a, b, c
+
+
+def test_three_nodes_converge_and_cli_contract(make_node: MakeNode) -> None:
+    """A write on one node reaches every node; get, keys, del and watch behave as the contract says."""
+    a, b, c = mesh3(make_node)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "ctxsync", "watch", "tasks", "--home", str(b.home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=b.env,
+    )
+    try:
+        assert watcher.stderr is not None
+        assert "watching tasks" in watcher.stderr.readline()
+        a.cli("set", "tasks", "build", '{"status": "ok"}')
+        wait_for(lambda: c.get("tasks", "build") == {"status": "ok"})
+        assert b.get("tasks", "build") == {"status": "ok"}
+
+        c.cli("set", "tasks", "count", "3")
+        c.cli("set", "tasks", "big", "123456789012345678901234567890")
+        c.cli("set", "tasks", "note", "hello world")
+        wait_for(lambda: a.get("tasks", "note") == "hello world")
+        assert a.cli("get", "tasks", "count").stdout.strip() == "3"
+        assert a.cli("get", "tasks", "big").stdout.strip() == "123456789012345678901234567890"
+        assert a.get("tasks") == {
+            "big": 123456789012345678901234567890,
+            "build": {"status": "ok"},
+            "count": 3,
+            "note": "hello world",
+        }
+        assert json.loads(a.cli("keys", "tasks", "--prefix", "b").stdout) == ["big", "build"]
+
+        b.cli("del", "tasks", "note")
+        wait_for(lambda: a.get("tasks", "note") is None and c.get("tasks", "note") is None)
+        absent = a.cli("get", "tasks", "note", check=False)
+        assert absent.returncode == 1 and "note" in absent.stderr
+        assert a.cli("del", "tasks", "nope", check=False).returncode == 1
+        assert a.cli("get", "nosuch", check=False).returncode == 1
+        assert a.cli("set", "bad/name", "k", "1", check=False).returncode == 1
+    finally:
+        watcher.terminate()
+        out, _ = watcher.communicate(timeout=10)
+    changes = [json.loads(line) for line in out.splitlines()]
+    by_key = {(ch["key"], ch["deleted"]): ch for ch in changes}
+    assert by_key[("build", False)]["value"] == {"status": "ok"}
+    assert by_key[("build", False)]["origin"] == a.node_id
+    assert by_key[("count", False)]["origin"] == c.node_id
+    assert ("note", True) in by_key
+    versions = [ch["version"] for ch in changes]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert all(set(ch) >= {"context", "key", "value", "origin", "version"} for ch in changes)
+
+
+def test_concurrent_writes_converge_to_later_write(make_node: MakeNode) -> None:
+    """Writes to one key made while two nodes are apart converge to the later one (by HLC), whatever the ids."""
+    a, b = make_node("alice"), make_node("bob")
+    a.pair(b)
+    # Apart: only one runs at a time. k1: a then b (b later); k2: b then a (a later).
+    a.start()
+    a.cli("set", "ctx", "k1", '"from-a"')
+    a.cli("set", "ctx", "other-a", "1")
+    assert a.stop() == 0
+    b.start()
+    b.cli("set", "ctx", "k1", '"from-b"')
+    b.cli("set", "ctx", "k2", '"from-b"')
+    b.cli("set", "ctx", "other-b", "2")
+    assert b.stop() == 0
+    a.start()
+    a.cli("set", "ctx", "k2", '"from-a"')
+    b.start()
+    wait_for(lambda: a.get("ctx") == b.get("ctx") and a.get("ctx", "other-b") == 2)
+    for n in (a, b):
+        assert n.get("ctx") == {"k1": "from-b", "k2": "from-a", "other-a": 1, "other-b": 2}
+
+
+def test_restart_catch_up_and_sigterm(make_node: MakeNode) -> None:
+    """A stopped node catches up by state vector when it starts again; SIGTERM stops a daemon cleanly."""
+    a, b = make_node("alice"), make_node("bob")
+    a.pair(b)
+    a.start()
+    b.start()
+    wait_for(lambda: a.connected_to(b))
+    a.cli("set", "ctx", "before", "1")
+    wait_for(lambda: b.get("ctx", "before") == 1)
+    assert b.stop(signal.SIGTERM) == 0
+    stopped = b.events("node.stopped")
+    assert stopped and stopped[-1]["level"] == "info"
+    assert a.events("peer.disconnected")
+    for i in range(4):
+        a.cli("set", "ctx", f"k{i}", str(i))
+    a.cli("set", "ctx", "after", '{"x": [1, 2]}')
+    b.start()
+    wait_for(lambda: b.get("ctx", "after") == {"x": [1, 2]})
+    assert b.get("ctx") == a.get("ctx")
+    synced = [e for e in b.events("sync.completed", since_start=True) if e["doc_id"] == "ctx"]
+    assert synced and synced[0]["received_bytes"] > 0 and "duration_ms" in synced[0]
+    # Data written before a restart is there after it, from the store alone.
+    assert a.stop(signal.SIGINT) == 0
+    assert b.stop() == 0
+    a.start()
+    assert a.get("ctx", "after") == {"x": [1, 2]}
+    assert a.get("ctx", "before") == 1
+
+
+def test_line_topology_relays(make_node: MakeNode) -> None:
+    """In a line A-B-C, a write on A reaches C through B, and C's write reaches A."""
+    a, b, c = make_node("alice"), make_node("bob"), make_node("carol")
+    a.pair(b)
+    b.pair(c)
+    for n in (a, b, c):
+        n.start()
+    wait_for(lambda: b.connected_to(a, c))
+    a.cli("set", "line", "from-a", '"hello"')
+    wait_for(lambda: c.get("line", "from-a") == "hello")
+    c.cli("set", "line", "from-c", '"hi"')
+    wait_for(lambda: a.get("line", "from-c") == "hi")
+    assert all(p["node_id"] != c.node_id for p in a.status()["peers"])
+
+
+def test_unpaired_node_is_refused(make_node: MakeNode) -> None:
+    """A node that is not paired cannot connect: the TLS handshake fails and the refusing node logs it."""
+    a, b, mallory = make_node("alice"), make_node("bob"), make_node("mallory")
+    a.pair(b)
+    mallory.cli("peer", "add", a.card())  # mallory trusts alice; alice does not know mallory
+    a.start()
+    a.cli("set", "secret", "k", '"v"')
+    mallory.start()
+    wait_for(lambda: any(e["event"] == "peer.rejected" for e in a.events()))
+    rejected = a.events("peer.rejected")[0]
+    assert rejected["stage"] == "tls" and rejected["level"] == "warning"
+    assert not a.events("peer.connected")
+    assert mallory.get("secret", "k") is None
+    assert not any(p["connected"] for p in mallory.status()["peers"])
+
+
+def test_json_logs_and_status(make_node: MakeNode) -> None:
+    """Every log line is JSON with event/timestamp/level/node_id; stats events and status carry the figures."""
+    a, b = make_node("alice"), make_node("bob")
+    a.pair(b)
+    a.start()
+    b.start()
+    wait_for(lambda: a.connected_to(b))
+    a.cli("set", "ctx", "k", "1")
+    wait_for(lambda: len(a.events("node.stats")) >= 1 and len(a.events("peer.stats")) >= 1)
+    for ev in a.events():
+        assert {"event", "timestamp", "level", "node_id"} <= set(ev), ev
+        assert ev["timestamp"].endswith("Z")
+    assert a.events("node.started")[0]["node_id"] == a.node_id
+    connected = a.events("peer.connected")[0]
+    assert connected["peer_id"] == b.node_id and connected["peer_name"] == "bob"
+    node_stats = a.events("node.stats")[-1]
+    assert node_stats["rss_bytes"] > 1_000_000 and "cpu_percent" in node_stats
+    assert node_stats["peers_connected"] == 1
+    wait_for(lambda: any(e["rtt_ms"] is not None for e in a.events("peer.stats")), timeout=30)
+    st = a.status()
+    assert st["node_id"] == a.node_id and st["process"]["rss_bytes"] > 0
+    peer = st["peers"][0]
+    assert peer["connected"] and peer["contexts"] == {"ctx": True}
+    table = a.cli("status").stdout
+    assert "bob" in table and "ctx:yes" in table
+    assert a.stop() == 0
+    wait_for(lambda: any(e["event"] == "peer.disconnected" for e in b.events()))
+    assert "reason" in b.events("peer.disconnected")[0]
+
+
+def test_init_refuses_existing_home_and_peer_commands(make_node: MakeNode) -> None:
+    """init never replaces an identity; peer list/remove work and removal reaches the running daemon."""
+    a, b = make_node("alice"), make_node("bob")
+    again = a.cli("init", "--name", "x", check=False)
+    assert again.returncode == 1 and "refusing" in again.stderr
+    assert a.cli("id").stdout.strip() == a.node_id
+    a.pair(b)
+    listed = json.loads(a.cli("peer", "list", "--json").stdout)
+    assert [p["node_id"] for p in listed] == [b.node_id]
+    a.start()
+    b.start()
+    wait_for(lambda: a.connected_to(b))
+    a.cli("peer", "remove", b.node_id)
+    wait_for(lambda: not a.status()["peers"] and not b.connected_to(a), timeout=10)
+    assert json.loads(a.cli("peer", "list", "--json").stdout) == []
+    assert a.cli("peer", "remove", b.node_id, check=False).returncode == 1
+    assert a.cli("peer", "add", "garbage", check=False).returncode == 1
+    assert a.cli("frobnicate", check=False).returncode == 2
+
+
+@pytest.mark.timeout(300)
+def test_new_node_catches_up_100k_entries(make_node: MakeNode) -> None:
+    """A node that never ran joins a 100,000-entry context; the catch-up is split into frames under the limit."""
+    import asyncio
+
+    from ctxsync.client import Client
+
+    a = make_node("alice")
+    a.start()
+
+    async def fill() -> None:
+        async with Client.for_home(a.home) as c:
+            for start in range(0, 100_000, 10_000):
+                await c.set_many("big", [(f"key-{i:06d}", json.dumps({"n": i, "pad": "x" * 40})) for i in range(start, start + 10_000)])
+
+    asyncio.run(fill())
+    assert a.status()["contexts"]["big"]["entries"] == 100_000
+    d = make_node("dave")
+    a.pair(d)
+    wait_for(lambda: len(a.status()["peers"]) == 1, timeout=10)
+    d.start()
+    wait_for(lambda: d.status()["contexts"].get("big", {}).get("entries") == 100_000, timeout=120)
+    assert d.get("big", "key-099999") == {"n": 99999, "pad": "x" * 40}
+    sync = [e for e in d.events("sync.completed") if e["doc_id"] == "big"][0]
+    max_frame = 1048576
+    assert sync["received_bytes"] > 4 * max_frame  # the catch-up could not have fit one frame
