@@ -143,6 +143,8 @@ class _Reader:
             self.pos += 1
             n |= (b & 0x7F) << shift
             if b < 0x80:
+                if n >= 1 << 64:
+                    raise DecodeError("varuint larger than 64 bits")
                 return n
             shift += 7
             if shift > 63:

@@ -557,7 +557,8 @@ class EntryMap:
 
         Returns:
             One :class:`EntryChange` per key whose resolved state changed (its latest state), in the
-            order keys were first affected. Changes between two absent states (e.g. a tombstone
+            order keys were first affected (within one remote transaction pycrdt reports keys in
+            no particular order). Changes between two absent states (e.g. a tombstone
             replacing another) are left out. Until called, at most one change per key is held.
 
         """

@@ -458,10 +458,11 @@ class Mesh:
                 raise EntryError(f"invalid context name {doc_id!r}: use 1-128 of A-Z a-z 0-9 . _ - :")
             ctx = self.contexts[doc_id] = Context(doc_id, self.node_id, self.clock)
             log.info("context.created", doc_id=doc_id)
-            # Peers already connected learn of it by sync step 1, like any context at connect.
+            # A new context starts empty and from now on every change to it travels live to
+            # each open session sharing it: those sessions are in sync for it already.
             for st in self.peers.values():
                 if st.session is not None and st.session.is_open and st.config.shares(doc_id):
-                    st.session.send_step1(doc_id, ctx.doc.get_state())
+                    st.session.synced[doc_id] = True
         return ctx
 
     def _committed(self, ctx: Context, update: bytes, *, exclude: NodeId | None) -> None:

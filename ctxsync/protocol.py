@@ -184,7 +184,6 @@ class PeerProtocol:
             raise RemoteProtocolError(f"{kind.name} not allowed in state {self.state.value}")
         if self._partial_active and kind != MessageType.CHUNK:
             raise RemoteProtocolError(f"{kind.name} in the middle of a chunked message")
-        self.state = allowed[kind]
         if isinstance(msg, Hello):
             if msg.protocol_version != PROTOCOL_VERSION:
                 raise UnsupportedVersion(msg.protocol_version)
@@ -195,8 +194,8 @@ class PeerProtocol:
                     peer_id=self.expected_peer,
                 )
             self.peer_name = msg.name
-            self._events.append(msg)
-        elif isinstance(msg, Chunk):
+        self.state = allowed[kind]
+        if isinstance(msg, Chunk):
             self._receive_chunk(msg)
         else:
             self._events.append(msg)
