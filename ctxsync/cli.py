@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ctxsync.errors import ApiError, CtxSyncError, NotFound
+from ctxsync.types import NodeId
 
 DEFAULT_LISTEN = "0.0.0.0:47100"
 DEFAULT_API = "127.0.0.1:47200"
@@ -125,13 +126,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     home = _home(args)
     node_id, cert = _identity(home)
     cfg = config.load(home, os.environ)
-    addr = args.addr
+    addr: str | None = args.addr
     if addr is None:
-        host, port = cfg.listen
+        host: str | None = cfg.listen[0]
         if host in ("0.0.0.0", "::", ""):
             host = _lan_address()
-        addr = config.format_hostport(host, port) if host else None
-    print(encode_peer_card(PeerCard(node_id=node_id, name=cfg.name, addr=addr, cert_pem=cert)))  # type: ignore[arg-type]
+        addr = config.format_hostport(host, cfg.listen[1]) if host else None
+    print(encode_peer_card(PeerCard(node_id=NodeId(node_id), name=cfg.name, addr=addr, cert_pem=cert)))
     return 0
 
 
@@ -206,9 +207,10 @@ def cmd_peer_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        for r in rows:
-            ro = " read-only" if r["read_only"] else ""
-            print(f"{r['name']:<16} {r['node_id']}  {r['addr'] or '-':<22} {','.join(r['contexts'])}{ro}")
+        for p in cfg.peers:
+            ro = " read-only" if p.read_only else ""
+            addr = config.format_hostport(*p.addr) if p.addr else "-"
+            print(f"{p.name:<16} {p.node_id}  {addr:<22} {','.join(p.contexts)}{ro}")
     return 0
 
 

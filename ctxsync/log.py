@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -75,14 +76,14 @@ def configure_logging(
 
 
 def _bind_node(node_id: str) -> Any:
-    def processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event_dict.setdefault("node_id", node_id)
         return event_dict
 
     return processor
 
 
-def _rename_stdlib_event(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _rename_stdlib_event(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     # Lines from stdlib loggers carry free text in "event"; keep our dotted names in "event".
     name = event_dict.get("logger")
     if name and not str(name).startswith("ctxsync"):

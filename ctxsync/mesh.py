@@ -77,7 +77,7 @@ class Context:
 
     def __init__(self, doc_id: DocId, node_id: NodeId, clock: Clock, *, version: int = 0) -> None:
         self.doc_id = doc_id
-        self.doc = pycrdt.Doc()
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.version = version
         """Local change counter: +1 per transaction that changed the document."""
         self._captured: list[bytes] = []
@@ -249,11 +249,13 @@ class Mesh:
                     self._spawn(st.session.close("peer removed"), f"close-{pid[:7]}")
                 log.info("peer.removed", peer_id=pid)
         for pid, pcfg in wanted.items():
-            st = self.peers.get(pid)
-            if st is None:
+            existing = self.peers.get(pid)
+            if existing is None:
                 st = self.peers[pid] = PeerState(pcfg)
                 log.info("peer.added", peer_id=pid, peer_name=pcfg.name)
-            elif st.config != pcfg:
+            else:
+                st = existing
+            if st.config != pcfg:
                 st.config = pcfg
                 if st.session:
                     self._spawn(st.session.close("peer changed"), f"close-{pid[:7]}")

@@ -193,11 +193,13 @@ class PeerSession:
                 reader = tg.create_task(self._reader())
                 closer = tg.create_task(self._closed.wait())
                 done, _ = await asyncio.wait({writer, reader, closer}, return_when=asyncio.FIRST_COMPLETED)
-                for t in (writer, reader, closer):
-                    t.cancel()
-                for t in done:
-                    if not t.cancelled() and t.exception() is None and isinstance(t.result(), str):
-                        reason = t.result()
+                for task in (writer, reader, closer):
+                    task.cancel()
+                for finished in done:
+                    if not finished.cancelled() and finished.exception() is None:
+                        result = finished.result()
+                        if isinstance(result, str):
+                            reason = result
         except* RemoteProtocolError as eg:
             exc = eg.exceptions[0]
             reason = f"protocol error: {exc}"

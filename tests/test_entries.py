@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pycrdt import Doc, Map, Text, TransactionEvent
+from pycrdt import Doc, Map, Text
 
 from ctxsync.entries import (
     MAX_KEY_CHARS,
