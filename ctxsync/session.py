@@ -134,8 +134,8 @@ class PeerSession:
 
     def send_update(self, doc_id: DocId, update: bytes) -> None:
         """Queue one live update; consecutive ones of a context share a frame."""
-        if doc_id in self._resync:
-            return  # the resync will carry it
+        if doc_id in self._resync or self._closed.is_set():
+            return  # the resync will carry it / nobody will send it
         if self._queued_bytes + len(update) > self.max_queue_bytes:
             self._overflow(doc_id)
             return
@@ -185,7 +185,17 @@ class PeerSession:
         try:
             self.protocol.start()
             await self._write_frames(self.protocol.frames_to_send())
-            await asyncio.wait_for(self._await_hello(), HELLO_TIMEOUT_S)
+            hello = asyncio.ensure_future(asyncio.wait_for(self._await_hello(), HELLO_TIMEOUT_S))
+            closed = asyncio.ensure_future(self._closed.wait())
+            try:
+                await asyncio.wait({hello, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                if not hello.done():
+                    hello.cancel()
+            if self._closed.is_set():
+                return self.close_reason or reason  # the finally clause reports it
+            hello.result()  # re-raise what the handshake raised
             self.is_open = True
             self.handler.on_session_open(self)
             async with asyncio.TaskGroup() as tg:
@@ -229,10 +239,17 @@ class PeerSession:
 
     async def close(self, reason: str) -> None:
         """Say Goodbye (after what is queued) and end :meth:`run`."""
-        if self._closed.is_set():
+        if self._closed.is_set() or self.close_reason:
             return
         self.close_reason = reason
-        await self._say_goodbye(reason)
+        if not self.is_open:  # no writer yet: nothing queued goes out before the Hello
+            await self._say_goodbye(reason)
+            self._closed.set()
+            return
+        self._outbox.append(("goodbye", None, []))
+        self._wakeup.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), 2.0)
         self._closed.set()
 
     async def _say_goodbye(self, reason: str) -> None:
@@ -270,6 +287,9 @@ class PeerSession:
             items, self._outbox = self._outbox, []
             self._queued_bytes = 0
             for kind, doc_id, payload in items:
+                if kind == "goodbye":
+                    await self._say_goodbye(self.close_reason)
+                    return self.close_reason
                 assert doc_id is not None
                 if kind == "step1":
                     self.protocol.send_step1(doc_id, payload[0])
