@@ -8,8 +8,9 @@ by ``{"id": N, "ok": true, "result": ...}`` or ``{"id": N, "ok": false, "error":
 with a stream of ``{"id": N, "event": "change", ...}`` messages. docs/api.md lists the ops.
 
 The opening handshake must carry ``Authorization: Bearer <token>`` (the token file of the
-home); anything else is refused with HTTP 401 and logged as ``api.denied``, as is a Host
-header that is not a loopback name (DNS rebinding).
+home); anything else is refused with HTTP 401 and logged as ``api.denied``. A Host header
+that is not a loopback name (DNS rebinding) or any Origin header (a browser) is refused with
+HTTP 403, also logged.
 
 Entry values travel as the exact JSON text they were stored as: responses embed it raw, so
 ``3`` stays ``3`` and large integers keep every digit.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -38,7 +40,6 @@ from ctxsync.types import DocId
 log = structlog.get_logger("ctxsync.api")
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
-_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
 def _dump_raw(obj: dict[str, Any], raw: dict[str, str]) -> str:
@@ -110,14 +111,15 @@ class Api:
         )
 
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        auth = request.headers.get("Authorization", "")
-        host = request.headers.get("Host", "").rsplit(":", 1)[0] if request.headers.get("Host") else ""
-        if host and host not in _LOOPBACK_HOSTS and not host.startswith("127."):
-            log.warning("api.denied", reason="foreign host header", host=host)
+        auths = request.headers.get_all("Authorization")
+        auth = auths[0] if len(auths) == 1 else ""
+        foreign = [h for h in request.headers.get_all("Host") if not _is_loopback_host(h)]
+        if foreign:
+            log.warning("api.denied", reason="foreign host header", host=foreign[0][:200])
             return conn.respond(HTTPStatus.FORBIDDEN, "foreign Host header refused\n")
-        origin = request.headers.get("Origin")
-        if origin is not None:
-            log.warning("api.denied", reason="browser origin", origin=origin)
+        origins = request.headers.get_all("Origin")
+        if origins:
+            log.warning("api.denied", reason="browser origin", origin=origins[0][:200])
             return conn.respond(HTTPStatus.FORBIDDEN, "cross-origin requests refused\n")
         expected = f"Bearer {self.token}"
         if not hmac.compare_digest(auth.encode(), expected.encode()):
@@ -136,7 +138,7 @@ class Api:
                     if not isinstance(req, dict):
                         raise ValueError("request must be a JSON object")
                 except ValueError as exc:
-                    await conn.send(json.dumps({"id": None, "ok": False, "error": {"code": "bad_request", "message": str(exc)}}))
+                    await conn.send(_error_json(None, "bad_request", str(exc)))
                     continue
                 task = asyncio.create_task(self._handle(conn, req))
                 tasks.add(task)
@@ -173,7 +175,7 @@ class Api:
             if code == "error" and not isinstance(exc, CtxSyncError):
                 log.exception("api.error", op=req.get("op"))
             with contextlib.suppress(Exception):
-                await conn.send(json.dumps({"id": req_id, "ok": False, "error": {"code": code, "message": str(exc)}}))
+                await conn.send(_error_json(req_id, code, str(exc)))
 
     @staticmethod
     def _ok(req_id: Any, result: Any = None, raw: str | None = None) -> str:
@@ -244,6 +246,27 @@ class Api:
 
 class _BadRequest(CtxSyncError):
     pass
+
+
+def _error_json(req_id: Any, code: str, message: str) -> str:
+    return json.dumps({"id": req_id, "ok": False, "error": {"code": code, "message": message}}, separators=(",", ":"))
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Tell whether a Host header (``name``, ``name:port``, ``[v6]:port``) names this machine's loopback."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        name = host.split(":", 1)[0]
+    else:
+        name = host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _str(req: dict[str, Any], name: str, default: str) -> str:

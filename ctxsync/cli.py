@@ -150,7 +150,7 @@ def _notify_daemon(home: Path) -> str:
     from ctxsync.client import Client
 
     async def go() -> int:
-        async with Client.for_home(home, open_timeout=2.0) as c:
+        async with Client.for_home(home, env=os.environ, open_timeout=2.0) as c:
             return await c.reload_peers()
 
     try:
@@ -248,7 +248,7 @@ def _with_client(args: argparse.Namespace, fn: Any) -> Any:
     from ctxsync.client import Client
 
     async def go() -> Any:
-        async with Client.for_home(_home(args)) as c:
+        async with Client.for_home(_home(args), env=os.environ) as c:
             return await fn(c)
 
     return asyncio.run(go())

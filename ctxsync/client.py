@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import json
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +58,17 @@ class Client:
         self._reader: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_home(cls, home: str | Path, **kwargs: Any) -> Client:
-        """Build a client from a home directory's config.toml (``node.api``) and ``api.token``."""
+    def for_home(cls, home: str | Path, *, env: Mapping[str, str] | None = None, **kwargs: Any) -> Client:
+        """
+        Build a client from a home directory's config.toml (``node.api``) and ``api.token``.
+
+        ``env`` may carry ``CTXSYNC_API`` (``HOST:PORT``), which overrides ``node.api`` as it
+        does for the daemon.
+        """
         home = Path(home).expanduser()
         try:
             cfg = tomllib.loads((home / "config.toml").read_text())
-            api = cfg["node"]["api"]
+            api = (env or {}).get("CTXSYNC_API") or cfg["node"]["api"]
             token = (home / TOKEN_FILE).read_text().strip()
         except FileNotFoundError as exc:
             raise ApiError(f"{home} is not a ctxsync home ({exc.filename} missing): run `ctxsync init`", code="no_home") from None

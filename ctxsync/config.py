@@ -317,10 +317,8 @@ class SyncConfig:
     """Cap of one entry value's JSON text, in bytes (>= 1 and < ``max_frame_bytes / 2``)."""
     max_message_bytes: int = 268_435_456
     """Cap of one message reassembled from several frames (catch-up), in bytes (>= ``max_frame_bytes``)."""
-    send_queue_frames: int = 1024
-    """Bound of each peer's outbound queue, in frames (>= 1). On overflow the peer is resynced."""
-    batch_window_ms: float = 2.0
-    """How long an update may wait to share a frame with later ones, in milliseconds (>= 0)."""
+    send_queue_bytes: int = 16_777_216
+    """Bound of each peer's queue of unsent updates, in bytes (>= 65536). On overflow the peer is resynced."""
     reconnect_min_s: float = 0.5
     """First delay before redialing a lost peer, in seconds (> 0)."""
     reconnect_max_s: float = 30.0
@@ -342,8 +340,7 @@ class SyncConfig:
             minimum=self.max_frame_bytes,
             bound="sync.max_frame_bytes",
         )
-        _check_number("sync.send_queue_frames", self.send_queue_frames, minimum=1)
-        _check_number("sync.batch_window_ms", self.batch_window_ms, minimum=0)
+        _check_number("sync.send_queue_bytes", self.send_queue_bytes, minimum=65_536)
         _check_number("sync.reconnect_min_s", self.reconnect_min_s, minimum=0, exclusive=True)
         _check_number(
             "sync.reconnect_max_s",

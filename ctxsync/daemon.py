@@ -59,6 +59,7 @@ class Daemon:
             raise ConfigError(f"{exc.filename} is missing: is {home} a ctxsync home? (`ctxsync init`)") from None
         self.node_id: NodeId = node_id_from_cert(cert)
         self.stopping = asyncio.Event()
+        self.stop_reason = "unknown"
         self.sampler = ProcessSampler()
         self.store: Store | None = None
         self.mesh: Mesh | None = None
@@ -69,6 +70,13 @@ class Daemon:
             return (self.home / config.PEERS_FILE).stat().st_mtime
         except FileNotFoundError:
             return 0.0
+
+    def stop(self, reason: str) -> None:
+        """Ask the daemon to shut down (a signal's name, or ``"api"``)."""
+        if not self.stopping.is_set():
+            self.stop_reason = reason
+            log.info("node.stopping", reason=reason)
+            self.stopping.set()
 
     def status(self) -> dict[str, Any]:
         """The status object of ``ctxsync status --json`` (mesh + process + store)."""
@@ -111,7 +119,7 @@ class Daemon:
         cfg = self.config
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self.stop, sig.name)
         async with Store(self.home / STORE_FILE, compact_threshold=cfg.store.compact_threshold) as store:
             self.store = store
             mesh = self.mesh = Mesh(
@@ -131,7 +139,7 @@ class Daemon:
                 ping_interval=cfg.sync.ping_interval_s,
                 ping_timeout=cfg.sync.ping_timeout_s,
             )
-            api = Api(mesh, token=self.token, status=self.status, reload_peers=self.reload_peers, stop=self.stopping.set)
+            api = Api(mesh, token=self.token, status=self.status, reload_peers=self.reload_peers, stop=lambda: self.stop("api"))
             try:
                 api_server = await api.listen(*cfg.api)
             except OSError as exc:
@@ -155,17 +163,18 @@ class Daemon:
             try:
                 await self.stopping.wait()
             finally:
-                log.info("node.stopping")
                 for t in background:
                     t.cancel()
+                # Peers first hear Goodbye on every session, dialed or accepted; closing the
+                # listener before would cut accepted sessions with a bare 1001.
+                await mesh.stop()
                 api_server.close()
                 listener.close()
-                await mesh.stop()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listener.wait_closed(), 3)
                     await asyncio.wait_for(api_server.wait_closed(), 3)
             # Leaving the store's context commits everything queued, then closes it.
-        log.info("node.stopped", reason="signal")
+        log.info("node.stopped", reason=self.stop_reason)
 
 
 def run(home: Path, env: Mapping[str, str]) -> int:

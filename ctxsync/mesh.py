@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import random
 import ssl
 import time
@@ -38,9 +39,10 @@ import structlog
 from ctxsync import transport
 from ctxsync.codec import Message, SyncStep1, SyncStep2, SyncUpdate
 from ctxsync.config import NodeConfig, PeerConfig, format_hostport
-from ctxsync.crypto import client_tls_context, server_tls_context
+from ctxsync.crypto import client_tls_context, node_id_from_cert, server_tls_context
 from ctxsync.entries import Clock, Entry, EntryMap, validate_key
 from ctxsync.errors import (
+    CryptoError,
     EntryError,
     HandshakeRejected,
     NotFound,
@@ -190,6 +192,7 @@ class Mesh:
         self.contexts: dict[DocId, Context] = {}
         self.peers: dict[NodeId, PeerState] = {}
         self._subs: set[_Subscription] = set()
+        self._registered: set[PeerSession] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_ctx: ssl.SSLContext | None = None
         self._stopping = False
@@ -239,7 +242,16 @@ class Mesh:
         once (their session closed, their certificate no longer trusted), changed ones are
         redialed.
         """
-        wanted = {p.node_id: p for p in peers}
+        wanted: dict[NodeId, PeerConfig] = {}
+        for p in peers:
+            try:
+                if node_id_from_cert(p.cert_pem.encode()) != p.node_id:
+                    raise CryptoError("the certificate does not hash to this node id")
+            except CryptoError as exc:
+                log.error("peer.invalid", peer_id=p.node_id, peer_name=p.name, reason=str(exc))
+                continue
+            wanted[p.node_id] = p
+        peers = tuple(wanted.values())
         for pid in list(self.peers):
             if pid not in wanted:
                 st = self.peers.pop(pid)
@@ -304,12 +316,16 @@ class Mesh:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                st.last_error = str(exc)
                 if not is_retryable(exc):
+                    st.last_error = str(exc)
                     log.warning("peer.dial_failed", peer_id=pcfg.node_id, reason=str(exc), retry=False)
                     return
                 delay = next(delays)
-                log.debug("peer.dial_failed", peer_id=pcfg.node_id, reason=str(exc), retry_in_s=round(delay, 2))
+                # INFO when the reason changes (first failure, a new cause), DEBUG for repeats,
+                # so a peer that stays away is visible without flooding the log.
+                level = log.info if str(exc) != st.last_error else log.debug
+                st.last_error = str(exc)
+                level("peer.dial_failed", peer_id=pcfg.node_id, reason=str(exc), retry=True, retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
             await self.run_channel(channel)
@@ -332,7 +348,7 @@ class Mesh:
             max_frame_bytes=sync.max_frame_bytes,
             max_message_bytes=sync.max_message_bytes,
         )
-        session = PeerSession(channel, protocol, self)
+        session = PeerSession(channel, protocol, self, max_queue_bytes=sync.send_queue_bytes)
         try:
             await session.run()
         except Exception:
@@ -354,6 +370,8 @@ class Mesh:
             if not keep_new:
                 return
         st.session = session
+        st.last_error = ""
+        self._registered.add(session)
         st.connected_since = time.monotonic()
         st.reconnects += 1
         log.info(
@@ -374,6 +392,8 @@ class Mesh:
             st.session = None
             st.connected_since = None
             st.wake.set()
+        if session in self._registered:
+            self._registered.discard(session)
             log.info(
                 "peer.disconnected",
                 peer_id=session.peer_id,
@@ -447,7 +467,7 @@ class Mesh:
             return
         self._committed(ctx, update, exclude=session.peer_id)
         fut = self.store.append_nowait(doc_id, ctx.version, update)
-        fut.add_done_callback(_log_store_failure)
+        fut.add_done_callback(functools.partial(_log_store_failure, doc_id, ctx.version))
 
     # -- contexts and local writes ---------------------------------------------------
 
@@ -555,7 +575,7 @@ class Mesh:
                     "name": st.config.name,
                     "addr": format_hostport(*st.config.addr) if st.config.addr else None,
                     "connected": bool(s and s.is_open),
-                    "rtt_ms": round(s.channel.rtt_s() * 1000, 3) if s and s.is_open else None,
+                    "rtt_ms": round(s.channel.rtt_s() * 1000, 3) if s and s.is_open and s.channel.rtt_s() > 0 else None,
                     "sent_bytes": s.stats.sent_bytes if s else 0,
                     "received_bytes": s.stats.received_bytes if s else 0,
                     "sent_updates": s.stats.sent_updates if s else 0,
@@ -582,6 +602,6 @@ def _reraise_fatal(exc: BaseException) -> None:
         raise exc
 
 
-def _log_store_failure(fut: asyncio.Future[None]) -> None:
+def _log_store_failure(doc_id: DocId, version: int, fut: asyncio.Future[None]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
-        log.error("store.append_failed", error=str(fut.exception()))
+        log.error("store.append_failed", doc_id=doc_id, version=version, error=str(fut.exception()))

@@ -223,11 +223,14 @@ class PeerSession:
             await self._say_goodbye("protocol error")
         except* HandshakeRejected as eg:
             reason = f"rejected: {eg.exceptions[0]}"
-            log.warning("peer.rejected", peer_id=self.peer_id, reason=str(eg.exceptions[0]), stage="hello")
+            log.warning(
+                "peer.rejected", peer_id=self.peer_id, reason=str(eg.exceptions[0]), stage="hello", session_id=self.session_id
+            )
         except* PeerDisconnected as eg:
             reason = str(eg.exceptions[0])
         except* TimeoutError:
             reason = "no Hello within timeout"
+            log.warning("peer.rejected", peer_id=self.peer_id, reason=reason, stage="hello", session_id=self.session_id)
         finally:
             if self.close_reason:
                 reason = self.close_reason

@@ -64,7 +64,8 @@ def map_exceptions(peer_id: str | None) -> Iterator[None]:
     except websockets.exceptions.ConnectionClosed as exc:
         reason = exc.rcvd.reason if exc.rcvd else (exc.sent.reason if exc.sent else "")
         code = exc.rcvd.code if exc.rcvd else (exc.sent.code if exc.sent else 1006)
-        raise PeerDisconnected(f"connection closed ({code} {reason})".strip(), peer_id=peer_id) from exc
+        detail = f"{code} {reason}".strip()
+        raise PeerDisconnected(f"connection closed ({detail})", peer_id=peer_id) from exc
     except (OSError, websockets.exceptions.InvalidHandshake, TimeoutError) as exc:
         raise PeerUnreachable(f"{type(exc).__name__}: {exc}", peer_id=peer_id) from exc
 
@@ -251,12 +252,3 @@ async def dial(
         await conn.close()
         raise HandshakeRejected(f"peer presented {peer_id}, expected {expected_peer}", peer_id=expected_peer)
     return WebsocketChannel(conn, peer_id, dialed=True)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Tell whether a dial or session failure is worth retrying (websockets ``process_exception``)."""
-    return isinstance(exc, (PeerUnreachable, PeerDisconnected)) or (
-        isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError)
-    )
-
-

@@ -69,8 +69,7 @@ def test_defaults() -> None:
         max_frame_bytes=1048576,
         max_value_bytes=262144,
         max_message_bytes=268435456,
-        send_queue_frames=1024,
-        batch_window_ms=2.0,
+        send_queue_bytes=16_777_216,
         reconnect_min_s=0.5,
         reconnect_max_s=30.0,
     )
@@ -108,8 +107,7 @@ NON_DEFAULT = NodeConfig(
         max_frame_bytes=65536,
         max_value_bytes=32767,
         max_message_bytes=65536,
-        send_queue_frames=1,
-        batch_window_ms=0.0,
+        send_queue_bytes=65_536,
         reconnect_min_s=0.1,
         reconnect_max_s=0.1,
     ),
@@ -236,7 +234,7 @@ def test_malformed_toml() -> None:
         ("sync", "ping_interval_s = '5'", "sync.ping_interval_s"),
         ("sync", "ping_interval_s = true", "sync.ping_interval_s"),
         ("sync", "max_frame_bytes = 1048576.0", "sync.max_frame_bytes"),
-        ("sync", "send_queue_frames = [1]", "sync.send_queue_frames"),
+        ("sync", "send_queue_bytes = [1]", "sync.send_queue_bytes"),
         ("store", "compact_threshold = '2000'", "store.compact_threshold"),
         ("log", "level = 1", "log.level"),
         ("log", "stats_interval_s = 1979-05-27", "log.stats_interval_s"),
@@ -261,8 +259,7 @@ def test_wrong_type_rejected(section: str, body: str, key: str) -> None:
         ("sync", "max_value_bytes = 0", "sync.max_value_bytes"),
         ("sync", "max_value_bytes = 524288", "sync.max_value_bytes"),
         ("sync", "max_message_bytes = 1048575", "sync.max_message_bytes"),
-        ("sync", "send_queue_frames = 0", "sync.send_queue_frames"),
-        ("sync", "batch_window_ms = -0.5", "sync.batch_window_ms"),
+        ("sync", "send_queue_bytes = 65535", "sync.send_queue_bytes"),
         ("sync", "reconnect_min_s = 0", "sync.reconnect_min_s"),
         ("sync", "reconnect_max_s = 0.25", "sync.reconnect_max_s"),
         ("store", "compact_threshold = 9", "store.compact_threshold"),
@@ -284,11 +281,11 @@ def test_range_edges_accepted() -> None:
         with_section(
             "sync",
             "max_frame_bytes = 65536\nmax_value_bytes = 32767\nmax_message_bytes = 65536\n"
-            "batch_window_ms = 0\nreconnect_min_s = 2.0\nreconnect_max_s = 2.0",
+            "send_queue_bytes = 65536\nreconnect_min_s = 2.0\nreconnect_max_s = 2.0",
         )
     )
     assert cfg.sync.max_value_bytes == 32767
-    assert cfg.sync.batch_window_ms == 0.0
+    assert cfg.sync.send_queue_bytes == 65536
 
 
 def test_log_level_any_case() -> None:

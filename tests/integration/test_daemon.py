@@ -238,3 +238,40 @@ def test_new_node_catches_up_100k_entries(make_node: MakeNode) -> None:
     sync = [e for e in d.events("sync.completed") if e["doc_id"] == "big"][0]
     max_frame = 1048576
     assert sync["received_bytes"] > 4 * max_frame  # the catch-up could not have fit one frame
+
+
+def test_api_refuses_bad_tokens_and_foreign_hosts(make_node: MakeNode) -> None:
+    """The local API refuses a missing or wrong token (401) and a foreign Host or an Origin (403), and logs it."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    a = make_node("alice")
+    a.start()
+    token = (a.home / "api.token").read_text().strip()
+    url = f"ws://127.0.0.1:{a.api_port}/"
+
+    async def status_code(headers: dict[str, str]) -> int:
+        try:
+            async with connect(url, additional_headers=headers, proxy=None, open_timeout=5):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def probe() -> list[int]:
+        return [
+            await status_code({}),
+            await status_code({"Authorization": "Bearer wrong"}),
+            await status_code({"Authorization": f"Bearer {token}", "Host": "evil.example:80"}),
+            await status_code({"Authorization": f"Bearer {token}", "Host": "127.attacker.example"}),
+            await status_code({"Authorization": f"Bearer {token}", "Origin": "http://evil.example"}),
+            await status_code({"Authorization": f"Bearer {token}"}),
+        ]
+
+    assert asyncio.run(probe()) == [401, 401, 403, 403, 403, 101]
+    reasons = [e["reason"] for e in a.events("api.denied")]
+    assert reasons == ["missing token", "wrong token", "foreign host header", "foreign host header", "browser origin"]
+    (a.home / "api.token").write_text("not-the-token\n")
+    denied = a.cli("get", "ctx", check=False)
+    assert denied.returncode == 1 and "token" in denied.stderr
