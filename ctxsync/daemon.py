@@ -84,7 +84,16 @@ class Daemon:
         st = self.mesh.status()
         st["process"] = self.sampler.sample()
         s = self.store.stats()
-        st["store"] = {"path": s.path, "size_bytes": s.size_bytes, "commits": s.commits, "appends": s.appends}
+        st["store"] = {
+            "path": s.path,
+            "size_bytes": s.size_bytes,
+            "commits": s.commits,
+            "appends": s.appends,
+            "compactions": s.compactions,
+            "compaction_failures": s.compaction_failures,
+            "last_compaction_error": s.last_compaction_error,
+            "failing": self.mesh.store_failing,
+        }
         st["version"] = __version__
         st["listen"] = config.format_hostport(*self.config.listen)
         return st
@@ -110,9 +119,15 @@ class Daemon:
                     log.error("config.reload_failed", error=str(exc))
 
     async def _stats_loop(self) -> None:
+        failures = 0
         while True:
             await asyncio.sleep(self.config.log.stats_interval_s)
-            log_stats(self.status())
+            status = self.status()
+            log_stats(status)
+            store = status["store"]
+            if store["compaction_failures"] > failures:
+                failures = store["compaction_failures"]
+                log.error("store.compaction_failed", failures=failures, error=store["last_compaction_error"])
 
     async def run(self) -> None:
         """Run until SIGINT/SIGTERM (or the API's stop op), then shut down cleanly."""
@@ -168,6 +183,7 @@ class Daemon:
                 # Peers first hear Goodbye on every session, dialed or accepted; closing the
                 # listener before would cut accepted sessions with a bare 1001.
                 await mesh.stop()
+                await mesh.flush_unpersisted()
                 api_server.close()
                 listener.close()
                 with contextlib.suppress(Exception):
@@ -199,8 +215,9 @@ def run(home: Path, env: Mapping[str, str]) -> int:
         daemon = Daemon(home, env)
         asyncio.run(daemon.run())
     except CtxSyncError as exc:
-        log.error("node.failed", error=str(exc), error_type=type(exc).__name__)
-        print(f"ctxsync: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line on stderr, whatever the cause said
+        log.error("node.failed", error=message, error_type=type(exc).__name__)
+        print(f"ctxsync: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -47,16 +47,23 @@ from ctxsync.errors import (
     HandshakeRejected,
     NotFound,
     PeerError,
+    StoreCorrupt,
+    StoreError,
     RemoteProtocolError,
 )
 from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
 from ctxsync.store import Store
-from ctxsync.types import DocId, NodeId, is_valid_doc_id
+from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
+from ctxsync.yupdate import check_update
 
 log = structlog.get_logger("ctxsync.mesh")
 
 _EMPTY_UPDATE = b"\x00\x00"
+SCRATCH_MAX_BYTES = 64 * 1024
+"""Remote updates up to this size (bytes) are tried on a scratch document before the real one."""
+MAX_UNPERSISTED_BYTES = 64 * 1024 * 1024
+"""Updates kept in memory (bytes) while the store fails, to store them once it works again."""
 _EMPTY_STATE_VECTOR = b"\x00"
 
 
@@ -82,6 +89,8 @@ class Context:
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.version = version
         """Local change counter: +1 per transaction that changed the document."""
+        self.rebuilding = False
+        """True while the document is replaced by its stored state after a failed remote apply."""
         self._captured: list[bytes] = []
         self._sub = self.doc.observe(self._on_transaction)
         self.entries = EntryMap(self.doc, node_id, clock)
@@ -193,6 +202,10 @@ class Mesh:
         self.peers: dict[NodeId, PeerState] = {}
         self._subs: set[_Subscription] = set()
         self._registered: set[PeerSession] = set()
+        self._unpersisted: list[tuple[DocId, int, bytes]] = []
+        self._unpersisted_bytes = 0
+        self.store_failing: str | None = None
+        """Why the store last failed, while updates wait to be stored; None when healthy."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_ctx: ssl.SSLContext | None = None
         self._stopping = False
@@ -206,7 +219,14 @@ class Mesh:
         """Rebuild every context from the store."""
         for stored in await self.store.load_all():
             ctx = Context(stored.doc_id, self.node_id, self.clock, version=stored.version)
-            ctx.load(stored.updates)
+            try:
+                ctx.load(stored.updates)
+            except BaseException as exc:
+                _reraise_fatal(exc)
+                raise StoreCorrupt(
+                    f"{self.store.path}: context {stored.doc_id!r}: a stored update cannot be applied "
+                    f"({type(exc).__name__}: {exc}); the file is kept as it is"
+                ) from None
             self.contexts[stored.doc_id] = ctx
 
     def start_peers(self) -> None:
@@ -312,6 +332,7 @@ class Mesh:
                     max_frame_bytes=sync.max_frame_bytes,
                     ping_interval=sync.ping_interval_s,
                     ping_timeout=sync.ping_timeout_s,
+                    open_timeout=max(sync.ping_timeout_s, 2.0),
                 )
             except asyncio.CancelledError:
                 raise
@@ -328,7 +349,10 @@ class Mesh:
                 level("peer.dial_failed", peer_id=pcfg.node_id, reason=str(exc), retry=True, retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
+            opened = st.reconnects
             await self.run_channel(channel)
+            if st.reconnects != opened:  # a session was open: start the backoff afresh
+                delays = backoff(sync.reconnect_min_s, sync.reconnect_max_s)
             await asyncio.sleep(next(delays) if st.session is None else 0)
 
     async def run_channel(self, channel: transport.Channel) -> None:
@@ -363,8 +387,13 @@ class Mesh:
             return
         current = st.session
         if current is not None and current is not session:
-            keep_dialed = self.node_id < session.peer_id  # the smaller id's dial wins
-            keep_new = session.channel.dialed == keep_dialed
+            if current.channel.dialed == session.channel.dialed:
+                # Same dialer again: it only redials after its own session ended, so the
+                # old one is half-open here. Keep the new one.
+                keep_new = True
+            else:
+                keep_dialed = self.node_id < session.peer_id  # the smaller id's dial wins
+                keep_new = session.channel.dialed == keep_dialed
             loser = current if keep_new else session
             self._spawn(loser.close("duplicate connection"), "close-duplicate")
             if not keep_new:
@@ -451,23 +480,139 @@ class Mesh:
             )
 
     def _apply_remote(self, session: PeerSession, doc_id: DocId, updates: list[bytes]) -> None:
-        ctx = self._context(doc_id, create=True)
         self.updates_received += len(updates)
         session.stats.received_updates += len(updates)
+        update = self.ingest(session.peer_id, doc_id, updates)
+        if update is None:
+            return
+        ctx = self.contexts[doc_id]
+        self._committed(ctx, update, exclude=session.peer_id)
+        self._persist_nowait(doc_id, ctx.version, update)
+
+    def ingest(self, origin: NodeId, doc_id: DocId, updates: list[bytes]) -> bytes | None:
+        """
+        Apply updates received from a peer: the one path every remote byte takes into a document.
+
+        Steps (DESIGN.md, "Hostile input"): each update is walked by
+        :func:`ctxsync.yupdate.check_update` (size cap, every claimed length checked against
+        the bytes there, nothing but plain values under the entries root); small ones are
+        applied to a scratch document first; then all are applied to the context in one
+        transaction tagged ``origin``, catching ``BaseException`` (pycrdt panics) but never
+        ``KeyboardInterrupt``/``SystemExit``/``CancelledError``. If the real apply fails
+        half way, the context is rebuilt from the store and resynced from its peers.
+
+        Args:
+            origin: The peer the updates came from.
+            doc_id: Their context (created if new).
+            updates: Yjs v1 updates, applied in order.
+
+        Returns:
+            The update of what was new to this node (to store and relay), or None.
+
+        Raises:
+            RemoteProtocolError: An update was refused (InvalidUpdate) or made pycrdt fail;
+                nothing of this call was stored or relayed.
+        """
+        limit = self.config.sync.max_message_bytes
+        for u in updates:
+            check_update(u, entries_root=ENTRIES_ROOT, max_bytes=limit)
+        ctx = self._context(doc_id, create=True)
+        if ctx.rebuilding:
+            return None  # the rebuild's resync brings it again
+        small = [u for u in updates if len(u) <= SCRATCH_MAX_BYTES]
+        if small:
+            scratch: pycrdt.Doc[Any] = pycrdt.Doc()
+            try:
+                with scratch.transaction():
+                    for u in small:
+                        scratch.apply_update(u)
+            except BaseException as exc:
+                _reraise_fatal(exc)
+                raise RemoteProtocolError(f"update refused for {doc_id}: pycrdt failed on it ({type(exc).__name__}: {exc})") from None
         try:
-            with ctx.doc.transaction(origin=session.peer_id):
+            with ctx.doc.transaction(origin=origin):
                 for u in updates:
                     ctx.doc.apply_update(u)
         except BaseException as exc:
             _reraise_fatal(exc)
             ctx.take_update()
-            raise RemoteProtocolError(f"update rejected for {doc_id}: {type(exc).__name__}: {exc}") from None
-        update = ctx.take_update()
-        if update is None:
+            self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
+            raise RemoteProtocolError(f"update refused for {doc_id}: {type(exc).__name__}: {exc}") from None
+        return ctx.take_update()
+
+    def _rebuild(self, ctx: Context, reason: str) -> None:
+        """Replace a context whose document may be half-updated by its stored state, then resync it."""
+        ctx.rebuilding = True
+        log.error("context.rebuilding", doc_id=ctx.doc_id, reason=reason)
+        self._spawn(self._rebuild_from_store(ctx), f"rebuild-{ctx.doc_id}")
+
+    async def _rebuild_from_store(self, ctx: Context) -> None:
+        stored = await self.store.load(ctx.doc_id)  # runs after every append queued before it
+        fresh = Context(ctx.doc_id, self.node_id, self.clock, version=ctx.version)
+        retained = [u for d, _, u in self._unpersisted if d == ctx.doc_id]
+        fresh.load((stored.updates if stored else []) + retained)
+        ctx.entries.close()
+        self.contexts[ctx.doc_id] = fresh
+        log.info("context.rebuilt", doc_id=ctx.doc_id, entries=len(fresh.entries))
+        for st in self.peers.values():
+            if st.session is not None and st.session.is_open and st.config.shares(ctx.doc_id):
+                st.session.send_step1(ctx.doc_id, fresh.doc.get_state())
+
+    # -- persistence -----------------------------------------------------------------
+
+    def _persist_nowait(self, doc_id: DocId, version: int, update: bytes) -> None:
+        """Queue an update for the store; if the store fails, keep it and retry until it works."""
+        fut = self.store.append_nowait(doc_id, version, update)
+        fut.add_done_callback(functools.partial(self._on_persisted, doc_id, version, update))
+
+    def _on_persisted(self, doc_id: DocId, version: int, update: bytes, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is None:
             return
-        self._committed(ctx, update, exclude=session.peer_id)
-        fut = self.store.append_nowait(doc_id, ctx.version, update)
-        fut.add_done_callback(functools.partial(_log_store_failure, doc_id, ctx.version))
+        self._retain(doc_id, version, update, fut.exception())
+
+    def _retain(self, doc_id: DocId, version: int, update: bytes, exc: BaseException | None) -> None:
+        if self._unpersisted_bytes + len(update) > MAX_UNPERSISTED_BYTES:
+            # Still safe: peers hold it, and sync step 1/2 brings it back after a restart.
+            log.error("store.retention_full", doc_id=doc_id, version=version, retained_bytes=self._unpersisted_bytes)
+        else:
+            self._unpersisted.append((doc_id, version, update))
+            self._unpersisted_bytes += len(update)
+        if self.store_failing is None:
+            self.store_failing = str(exc)
+            log.error("store.append_failed", doc_id=doc_id, version=version, error=str(exc))
+            self._spawn(self._retry_persist(), "store-retry")
+
+    async def _retry_persist(self) -> None:
+        delay = 0.5
+        while self._unpersisted and not self._stopping:
+            await asyncio.sleep(delay)
+            pending = list(self._unpersisted)
+            try:
+                await asyncio.gather(*(self.store.append(d, v, u) for d, v, u in pending))
+            except Exception as exc:
+                self.store_failing = str(exc)
+                log.debug("store.retry_failed", error=str(exc), retained=len(pending))
+                delay = min(delay * 2, 10.0)
+                continue
+            del self._unpersisted[: len(pending)]
+            self._unpersisted_bytes = sum(len(u) for _, _, u in self._unpersisted)
+            if not self._unpersisted:
+                log.info("store.recovered", flushed=len(pending))
+        self.store_failing = None
+
+    async def flush_unpersisted(self) -> bool:
+        """Try once to store what a failing store refused (at shutdown); return whether all is stored."""
+        pending = list(self._unpersisted)
+        if not pending:
+            return True
+        try:
+            await asyncio.gather(*(self.store.append(d, v, u) for d, v, u in pending))
+        except Exception as exc:
+            log.error("store.unflushed", retained=len(pending), error=str(exc))
+            return False
+        self._unpersisted.clear()
+        self._unpersisted_bytes = 0
+        return True
 
     # -- contexts and local writes ---------------------------------------------------
 
@@ -524,7 +669,13 @@ class Mesh:
             validate_key(key)
             if value is not None and len(value.encode()) > limit:
                 raise EntryError(f"value of {key!r} is {len(value.encode())} bytes; the limit is {limit}")
+        if self.store_failing is not None:
+            raise StoreError(
+                f"the store is failing ({self.store_failing}); writes are refused until it recovers (reads still work)"
+            )
         ctx = self._context(doc_id, create=True)
+        if ctx.rebuilding:
+            raise StoreError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
         with ctx.doc.transaction(origin="local"):
             changed = ctx.entries.set_many(items)
         update = ctx.take_update()
@@ -532,7 +683,13 @@ class Mesh:
             return ctx.version, 0
         self._committed(ctx, update, exclude=None)
         version = ctx.version
-        await self.store.append(doc_id, version, update)
+        try:
+            await self.store.append(doc_id, version, update)
+        except StoreError as exc:
+            self._retain(doc_id, version, update, exc)
+            raise StoreError(
+                f"write not acknowledged: the store failed ({exc}); the change stays in memory and is retried"
+            ) from None
         return version, changed
 
     def get(self, doc_id: DocId, key: str) -> Entry:
@@ -600,8 +757,3 @@ def _reraise_fatal(exc: BaseException) -> None:
     """Re-raise what must never be swallowed; pycrdt panics (BaseException) are not among them."""
     if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError, GeneratorExit)):
         raise exc
-
-
-def _log_store_failure(doc_id: DocId, version: int, fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("store.append_failed", doc_id=doc_id, version=version, error=str(fut.exception()))

@@ -26,6 +26,7 @@ import re
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -193,7 +194,11 @@ def _inspect(path: Path) -> int:
         if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
             raise StoreCorrupt(f"{refuse}: not an SQLite database")
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        # Without a WAL file there is nothing to recover: open immutable, so that refusing a
+        # file does not leave new -wal/-shm files beside it.
+        wal = path.with_name(path.name + "-wal").exists()
+        query = "mode=ro" if wal else "mode=ro&immutable=1"
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error as exc:
         raise _translate(exc, path, "cannot open the store") from exc
     try:
@@ -211,7 +216,8 @@ def _inspect(path: Path) -> int:
             )
         problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
-            raise StoreCorrupt(f"{refuse}: quick_check failed: {'; '.join(map(str, problems))}")
+            found = "; ".join(" ".join(str(p).split()) for p in problems)  # one line, as stderr wants
+            raise StoreCorrupt(f"{refuse}: quick_check failed: {found}")
         if version < 1 or not _REQUIRED_TABLES <= tables:
             missing = ", ".join(sorted(_REQUIRED_TABLES - tables)) or "none"
             raise StoreCorrupt(f"{refuse}: schema version {version}, missing tables: {missing}")
@@ -255,8 +261,25 @@ def _settle(outcomes: list[_Outcome]) -> None:
             future.set_result(value) if exc is None else future.set_exception(exc)
 
 
-def _identity(blob: bytes, aad: bytes) -> bytes:
-    return blob
+def checksum_seal(blob: bytes, aad: bytes) -> bytes:
+    """
+    Frame a blob with a CRC-32 of ``aad + blob``: ``crc32 (4 bytes, big endian) + blob``.
+
+    The default :data:`Sealer` when no encryption key is configured: it gives integrity, not
+    secrecy, so a damaged page inside a stored update is reported (StoreCorrupt) instead of
+    silently dropping entries. An AEAD sealer replaces it and gives both.
+    """
+    return zlib.crc32(blob, zlib.crc32(aad)).to_bytes(4, "big") + blob
+
+
+def checksum_unseal(blob: bytes, aad: bytes) -> bytes:
+    """Inverse of :func:`checksum_seal`. Raises ValueError if the checksum does not match."""
+    if len(blob) < 4:
+        raise ValueError("blob shorter than its checksum")
+    data = blob[4:]
+    if zlib.crc32(data, zlib.crc32(aad)).to_bytes(4, "big") != blob[:4]:
+        raise ValueError("checksum mismatch: the stored bytes are damaged")
+    return data
 
 
 class Store:
@@ -271,7 +294,8 @@ class Store:
         compact_threshold: Log rows a context may have since its checkpoint before the worker
             compacts it, after the next commit that touches it.
         seal: Applied to every blob before it is written, as ``seal(blob, aad=doc_id in UTF-8)``.
-            Identity by default. Called on the worker thread.
+            :func:`checksum_seal` (CRC-32 framing, integrity only) by default. Called on the
+            worker thread.
         unseal: Inverse of ``seal``, applied to every blob read back.
     """
 
@@ -289,8 +313,8 @@ class Store:
         """The database file."""
         self.compact_threshold = compact_threshold
         """Log rows per context that trigger a compaction."""
-        self._seal = seal or _identity
-        self._unseal = unseal or _identity
+        self._seal = seal or checksum_seal
+        self._unseal = unseal or checksum_unseal
         self._state = "new"  # new -> opening -> open -> closing -> closed
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -420,6 +444,18 @@ class Store:
             StoreError: If the read failed.
         """
         return await self._call(self._load_all)
+
+    async def load(self, doc_id: DocId) -> StoredContext | None:
+        """
+        Read one context (after every write queued before this call), or None if it is not stored.
+
+        Raises:
+            StoreCorrupt: If a stored blob cannot be unsealed.
+            StoreError: If the read failed.
+        """
+        for stored in await self._call(lambda conn: self._load_all(conn, only=doc_id)):
+            return stored
+        return None
 
     async def compact(self, doc_id: DocId) -> bool:
         """
@@ -595,16 +631,19 @@ class Store:
         except Exception as exc:
             raise StoreCorrupt(f"{self.path}: cannot unseal {what} of context {doc_id!r}: {exc}") from exc
 
-    def _load_all(self, conn: sqlite3.Connection) -> list[StoredContext]:
+    def _load_all(self, conn: sqlite3.Connection, only: str | None = None) -> list[StoredContext]:
+        where, args = ("WHERE doc_id = ?", (only,)) if only is not None else ("", ())
         conn.execute("BEGIN")
         try:
-            contexts = conn.execute("SELECT doc_id, created_at_ms FROM contexts ORDER BY doc_id").fetchall()
+            contexts = conn.execute(
+                f"SELECT doc_id, created_at_ms FROM contexts {where} ORDER BY doc_id", args
+            ).fetchall()
             checkpoints = {
-                r[0]: r[1:] for r in conn.execute("SELECT doc_id, data, version, upto_seq FROM checkpoints")
+                r[0]: r[1:] for r in conn.execute(f"SELECT doc_id, data, version, upto_seq FROM checkpoints {where}", args)
             }
             log: dict[str, list[tuple[int, int, bytes]]] = {}
             for doc_id, seq, version, data in conn.execute(
-                "SELECT doc_id, seq, version, data FROM updates ORDER BY doc_id, seq"
+                f"SELECT doc_id, seq, version, data FROM updates {where} ORDER BY doc_id, seq", args
             ):
                 log.setdefault(doc_id, []).append((seq, version, data))
         finally:
@@ -639,16 +678,23 @@ class Store:
         ).fetchone()
         aad = doc_id.encode()
         try:
+            sources = [self._unseal(checkpoint[0], aad)] if checkpoint is not None else []
+            sources += [self._unseal(data, aad) for _, _, data in rows]
             replay: pycrdt.Doc[Any] = pycrdt.Doc()
-            if checkpoint is not None:
-                replay.apply_update(self._unseal(checkpoint[0], aad))
-            for _, _, data in rows:
-                replay.apply_update(self._unseal(data, aad))
+            for source in sources:
+                replay.apply_update(source)
             update, state_vector = replay.get_update(), replay.get_state()
+            # Verify by content, not bytes: pycrdt encodes map values in no fixed key order.
+            # The checkpoint comes from the replay, so it holds nothing more; it holds nothing
+            # less if every source, applied on top of it, changes nothing (deletions included).
             check: pycrdt.Doc[Any] = pycrdt.Doc()
             check.apply_update(update)
-            if check.get_state() != state_vector or check.get_update() != update:
-                self._compaction_failed(doc_id, "the merged checkpoint does not reproduce the replayed log")
+            changes: list[bytes] = []
+            check.observe(lambda event: changes.append(event.update))
+            for source in sources:
+                check.apply_update(source)
+            if any(c != b"\x00\x00" for c in changes):
+                self._compaction_failed(doc_id, "the merged checkpoint does not hold everything in the log")
                 return False
             sealed_update, sealed_state_vector = self._seal(update, aad), self._seal(state_vector, aad)
         except (KeyboardInterrupt, SystemExit):

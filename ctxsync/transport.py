@@ -15,6 +15,7 @@ in debug mode, so the listening context's ``sslobject_class`` does it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -71,18 +72,48 @@ def map_exceptions(peer_id: str | None) -> Iterator[None]:
 
 
 class WebsocketChannel:
-    """A :class:`Channel` over a websockets connection (client or server side)."""
+    """
+    A :class:`Channel` over a websockets connection (client or server side).
 
-    def __init__(self, conn: Connection, peer_id: NodeId, *, dialed: bool) -> None:
+    Args:
+        conn: The open connection.
+        peer_id: The verified node id of the other end.
+        dialed: True if this node opened the connection.
+        stall_timeout: A send that makes no progress (the socket's write buffer does not
+            shrink) for this many seconds, twice in a row, aborts the connection. websockets'
+            keepalive cannot see a dead link while a large send fills the buffer, because its
+            pings queue behind the data.
+    """
+
+    def __init__(self, conn: Connection, peer_id: NodeId, *, dialed: bool, stall_timeout: float = 10.0) -> None:
         self._conn = conn
         self.peer_id = peer_id
         self.dialed = dialed
+        self.stall_timeout = stall_timeout
         addr = conn.remote_address
         self.remote_address = f"{addr[0]}:{addr[1]}" if addr else "?"
 
     async def send(self, frame: bytes) -> None:
         with map_exceptions(self.peer_id):
-            await self._conn.send(frame)
+            task = asyncio.ensure_future(self._conn.send(frame))
+            task.add_done_callback(_retrieve)  # an abandoned send's error is ours to drop
+            try:
+                last: int | None = None
+                while True:
+                    done, _ = await asyncio.wait({task}, timeout=self.stall_timeout)
+                    if done:
+                        task.result()
+                        return
+                    size = self._conn.transport.get_write_buffer_size()
+                    if last is not None and size >= last:
+                        self._conn.transport.abort()
+                        raise PeerDisconnected(
+                            f"send stalled: no progress for {2 * self.stall_timeout:g} s", peer_id=self.peer_id
+                        )
+                    last = size
+            finally:
+                if not task.done():
+                    task.cancel()
 
     async def recv(self) -> bytes:
         with map_exceptions(self.peer_id):
@@ -92,11 +123,18 @@ class WebsocketChannel:
         return data
 
     async def close(self, reason: str = "") -> None:
-        with contextlib.suppress(Exception):
-            await self._conn.close(1000, reason[:120])
+        try:
+            await asyncio.wait_for(self._conn.close(1000, reason[:120]), 2.0)
+        except Exception:  # a dead or stalled link: drop it without the closing handshake
+            self._conn.transport.abort()
 
     def rtt_s(self) -> float:
         return float(self._conn.latency)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _ssl_object(conn: Connection) -> ssl.SSLObject:
@@ -181,7 +219,7 @@ async def listen(
         except (CryptoError, HandshakeRejected) as exc:
             log.warning("peer.rejected", reason=str(exc), stage="identity")
             return
-        await on_channel(WebsocketChannel(conn, peer_id, dialed=False))
+        await on_channel(WebsocketChannel(conn, peer_id, dialed=False, stall_timeout=ping_timeout))
 
     with map_exceptions(None):
         return await serve(
@@ -251,4 +289,4 @@ async def dial(
     if peer_id != expected_peer:
         await conn.close()
         raise HandshakeRejected(f"peer presented {peer_id}, expected {expected_peer}", peer_id=expected_peer)
-    return WebsocketChannel(conn, peer_id, dialed=True)
+    return WebsocketChannel(conn, peer_id, dialed=True, stall_timeout=ping_timeout)

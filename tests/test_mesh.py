@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxsync.config import NodeConfig, PeerConfig
+from ctxsync.config import NodeConfig, PeerConfig, SyncConfig
 from ctxsync.crypto import generate_identity
 from ctxsync.mesh import Mesh, backoff, is_retryable
 from ctxsync.errors import HandshakeRejected, NotFound, PeerUnreachable
@@ -37,9 +37,15 @@ class Node:
     def peer_config(self) -> PeerConfig:
         return PeerConfig(node_id=self.node_id, name=self.name, cert_pem=self.identity.cert_pem.decode())
 
-    async def open(self, peers: list[Node]) -> Mesh:
+    async def open(self, peers: list[Node], *, sync: SyncConfig | None = None) -> Mesh:
         await self.store.__aenter__()
-        cfg = NodeConfig(name=self.name, listen=("127.0.0.1", 0), api=("127.0.0.1", 1), peers=tuple(p.peer_config() for p in peers))
+        cfg = NodeConfig(
+            name=self.name,
+            listen=("127.0.0.1", 0),
+            api=("127.0.0.1", 1),
+            sync=sync or SyncConfig(),
+            peers=tuple(p.peer_config() for p in peers),
+        )
         self.mesh = Mesh(node_id=self.node_id, config=cfg, store=self.store, cert_path=self.dir / "node.crt", key_path=self.dir / "node.key")
         await self.mesh.load()
         self.mesh.start_peers()
@@ -181,3 +187,46 @@ def test_is_retryable() -> None:
     assert is_retryable(OSError("reset"))
     assert not is_retryable(HandshakeRejected("wrong node"))
     assert not is_retryable(ValueError("bug"))
+
+
+async def test_stalled_peer_never_blocks_writes_or_other_peers(make: Callable[[str], Node]) -> None:
+    """A peer that stops reading overflows into a resync: local writes and the other peer go on, the queue stays bounded."""
+    na, nb, nc = make("a"), make("b"), make("c")
+    small = SyncConfig(send_queue_bytes=65_536)
+    a = await na.open([nb, nc], sync=small)
+    b = await nb.open([na])
+    c = await nc.open([na])
+    link(a, b)
+    # a -> c holds 4 frames; once connected, c stops reading.
+    to_c, from_a = channel_pair(a.node_id, c.node_id, maxsize=4)
+    c_side = StallingChannel(from_a)
+    tasks = [asyncio.create_task(a.run_channel(to_c)), asyncio.create_task(c.run_channel(c_side))]  # type: ignore[arg-type]
+    await wait_until(lambda: connected(a, b, c), T)
+    c_side.stall.set()
+    pad = "x" * 2000
+    async with asyncio.timeout(30):
+        for i in range(400):  # ~800 KB of updates, far beyond the 64 KiB queue
+            await a.write(DocId("ctx"), [(f"k{i}", f'"{pad}{i}"')])
+    await wait_until(lambda: value(b, "ctx", "k399") == f'"{pad}399"', T)
+    st = a.peers[nc.node_id]
+    if st.session is not None:  # the stalled session: overflowed, bounded
+        assert st.session.stats.queue_overflows >= 1
+        assert st.session.queued_bytes <= 65_536
+    for t in tasks:
+        t.cancel()
+
+
+class StallingChannel:
+    """Wraps a channel; once ``stall`` is set, ``recv`` never returns (a peer that stopped reading)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.stall = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def recv(self) -> bytes:
+        if self.stall.is_set():
+            await asyncio.Event().wait()
+        return await self.inner.recv()  # type: ignore[attr-defined, no-any-return]

@@ -18,7 +18,7 @@ from pycrdt import Doc, Map, Text, TransactionEvent
 
 from ctxsync import store as store_module
 from ctxsync.errors import InvalidState, SchemaVersionError, StoreCorrupt, StoreError
-from ctxsync.store import Migration, Store, migrate, schema_version
+from ctxsync.store import Migration, Store, checksum_unseal, migrate, schema_version
 from ctxsync.types import DocId
 
 CTX = DocId("notes")
@@ -175,7 +175,8 @@ async def test_compaction_bounds_log_and_preserves_document(tmp_path: Path) -> N
     assert_same(rebuild([checkpoint]), writer)
     with sqlite3.connect(path) as conn:
         row = conn.execute("SELECT state_vector, version, upto_seq FROM checkpoints").fetchone()
-    assert row == (replay.get_state(), 500, 500)
+    # Blobs are framed with a CRC-32 by default (checksum_seal).
+    assert (checksum_unseal(row[0], CTX.encode()), row[1], row[2]) == (replay.get_state(), 500, 500)
 
 
 def toy_seal(blob: bytes, aad: bytes) -> bytes:
@@ -404,3 +405,19 @@ async def test_copy_of_closed_store_opens(tmp_path: Path) -> None:
     async with Store(tmp_path / "b.db") as store:
         (loaded,) = await store.load_all()
     assert rebuild(loaded.updates).get_state() == writer.doc.get_state()
+
+
+async def test_damaged_blob_is_reported_not_dropped(tmp_path: Path) -> None:
+    """A byte flipped inside a stored update fails its checksum: load_all raises StoreCorrupt instead of losing entries."""
+    path = tmp_path / "store.db"
+    writer = Writer()
+    async with Store(path) as store:
+        await store.append(CTX, 1, writer.set("k", "a value long enough to find"))
+    with sqlite3.connect(path) as conn:
+        (blob,) = conn.execute("SELECT data FROM updates").fetchone()
+        damaged = bytearray(blob)
+        damaged[-3] ^= 0x01
+        conn.execute("UPDATE updates SET data = ?", (bytes(damaged),))
+    async with Store(path) as store:
+        with pytest.raises(StoreCorrupt, match="checksum"):
+            await store.load_all()
