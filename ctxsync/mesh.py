@@ -55,7 +55,7 @@ from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
 from ctxsync.store import Store
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
-from ctxsync.yupdate import check_update
+from ctxsync.yupdate import InvalidUpdate, check_update
 
 log = structlog.get_logger("ctxsync.mesh")
 
@@ -515,7 +515,10 @@ class Mesh:
         """
         limit = self.config.sync.max_message_bytes
         for u in updates:
-            check_update(u, entries_root=ENTRIES_ROOT, max_bytes=limit)
+            try:
+                check_update(u, entries_root=ENTRIES_ROOT, max_bytes=limit)
+            except InvalidUpdate as exc:
+                raise InvalidUpdate(f"update refused for {doc_id}: {exc.reason}", offset=exc.offset) from None
         ctx = self._context(doc_id, create=True)
         if ctx.rebuilding:
             return None  # the rebuild's resync brings it again
