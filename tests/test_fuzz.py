@@ -13,7 +13,6 @@ import collections
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pycrdt
 
@@ -78,7 +77,7 @@ def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
     return bytes(b)
 
 
-async def test_fuzz_ingest_updates(make: Callable[[str], Node]) -> None:
+async def test_fuzz_ingest_updates(make: Callable[[str], Node]) -> None:  # noqa: F811 (fixture)
     """Mutated real updates are accepted or refused cleanly, and nothing refused reaches the store."""
     rng = random.Random(SEED)
     pool = real_updates(rng, 400)
