@@ -314,6 +314,7 @@ class EntryMap:
         self._live = 0
         self._conflicted: set[str] = set()
         self._changes: dict[str, EntryChange] = {}
+        self._reasserts: dict[str, Slot] = {}
         self._closed = False
         with doc.transaction():
             self._load()
@@ -433,6 +434,42 @@ class EntryMap:
         self._slots[key] = {node: after}
         self._settle(key, before, after)
 
+    def take_reasserts(self) -> dict[str, Slot]:
+        """
+        Return and forget this node's own slots that an older write of its own replaced.
+
+        Such a write can only come back after a crash lost it here before it was stored (it
+        left, or was computed into a sync answer, first). Pass the result to
+        :meth:`restore_own` in a local transaction.
+        """
+        found, self._reasserts = self._reasserts, {}
+        return found
+
+    def restore_own(self, slots: dict[str, Slot]) -> int:
+        """
+        Put back this node's own slots (same value, same timestamp), unless something newer
+        replaced them meanwhile. Must run inside a transaction, or opens one.
+
+        Returns:
+            How many slots were put back.
+        """
+        self._check_open()
+        node = self._node_id
+        restored = 0
+        with self._doc.transaction():
+            for key, own in slots.items():
+                current = self._slots.get(key, {}).get(node)
+                if current is None or current.t >= own.t:
+                    continue  # deleted by a later write elsewhere, or already newer
+                before = self._winner(key)
+                self._map[slot_key(key, node)] = (
+                    {"v": own.value, "t": own.t} if own.value is not None else {"t": own.t, "deleted": True}
+                )
+                self._slots[key][node] = own
+                self._settle(key, before, self._winner(key))
+                restored += 1
+        return restored
+
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidState("entry map is closed")
@@ -461,6 +498,11 @@ class EntryMap:
         known = writers.get(writer)
         if known == slot:
             return
+        if writer == self._node_id and known is not None and slot is not None and slot.t < known.t:
+            # An older write of this node's own slot came back (made before a crash that lost it
+            # locally, under another Yjs client id) and won Yjs' client-id tie-break against the
+            # newer one: remember the newer one so the caller can put it back (restore_own()).
+            self._reasserts[key] = known
         before = self._winner(key)
         if slot is not None:
             self._clock.observe(slot.t)

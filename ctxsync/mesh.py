@@ -40,7 +40,7 @@ from ctxsync import transport
 from ctxsync.codec import Message, SyncStep1, SyncStep2, SyncUpdate
 from ctxsync.config import NodeConfig, PeerConfig, format_hostport
 from ctxsync.crypto import client_tls_context, node_id_from_cert, server_tls_context
-from ctxsync.entries import Clock, Entry, EntryMap, validate_key
+from ctxsync.entries import Clock, Entry, EntryMap, Slot, validate_key
 from ctxsync.errors import (
     CryptoError,
     EntryError,
@@ -202,7 +202,8 @@ class Mesh:
         self.peers: dict[NodeId, PeerState] = {}
         self._subs: set[_Subscription] = set()
         self._registered: set[PeerSession] = set()
-        self._unpersisted: list[tuple[DocId, int, bytes]] = []
+        self._unpersisted: list[tuple[DocId, int, bytes, bool]] = []
+        """Updates the store refused, kept to retry: (doc_id, version, update, made here)."""
         self._unpersisted_bytes = 0
         self.store_failing: str | None = None
         """Why the store last failed, while updates wait to be stored; None when healthy."""
@@ -488,6 +489,28 @@ class Mesh:
         ctx = self.contexts[doc_id]
         self._committed(ctx, update, exclude=session.peer_id)
         self._persist_nowait(doc_id, ctx.version, update)
+        reasserts = ctx.entries.take_reasserts()
+        if reasserts:
+            self._restore_own(ctx, reasserts)
+
+    def _restore_own(self, ctx: Context, slots: dict[str, Slot]) -> None:
+        """Put back this node's newer writes that an older write of its own, lost here in a crash, displaced."""
+        with ctx.doc.transaction(origin="local"):
+            restored = ctx.entries.restore_own(slots)
+        update = ctx.take_update()
+        if update is None:
+            return
+        log.info("entry.restored", doc_id=ctx.doc_id, keys=restored)
+        self._committed(ctx, update, exclude=None, send=False)
+        self._spawn(self._store_then_send(ctx.doc_id, ctx.version, update), f"restore-{ctx.doc_id}")
+
+    async def _store_then_send(self, doc_id: DocId, version: int, update: bytes) -> None:
+        try:
+            await self.store.append(doc_id, version, update)
+        except StoreError as exc:
+            self._retain(doc_id, version, update, exc, local=True)
+            return
+        self._send(doc_id, update, exclude=None)
 
     def ingest(self, origin: NodeId, doc_id: DocId, updates: list[bytes]) -> bytes | None:
         """
@@ -552,7 +575,7 @@ class Mesh:
     async def _rebuild_from_store(self, ctx: Context) -> None:
         stored = await self.store.load(ctx.doc_id)  # runs after every append queued before it
         fresh = Context(ctx.doc_id, self.node_id, self.clock, version=ctx.version)
-        retained = [u for d, _, u in self._unpersisted if d == ctx.doc_id]
+        retained = [u for d, _, u, _ in self._unpersisted if d == ctx.doc_id]
         fresh.load((stored.updates if stored else []) + retained)
         ctx.entries.close()
         self.contexts[ctx.doc_id] = fresh
@@ -573,12 +596,14 @@ class Mesh:
             return
         self._retain(doc_id, version, update, fut.exception())
 
-    def _retain(self, doc_id: DocId, version: int, update: bytes, exc: BaseException | None) -> None:
-        if self._unpersisted_bytes + len(update) > MAX_UNPERSISTED_BYTES:
+    def _retain(
+        self, doc_id: DocId, version: int, update: bytes, exc: BaseException | None, *, local: bool = False
+    ) -> None:
+        if self._unpersisted_bytes + len(update) > MAX_UNPERSISTED_BYTES and not local:
             # Still safe: peers hold it, and sync step 1/2 brings it back after a restart.
             log.error("store.retention_full", doc_id=doc_id, version=version, retained_bytes=self._unpersisted_bytes)
         else:
-            self._unpersisted.append((doc_id, version, update))
+            self._unpersisted.append((doc_id, version, update, local))
             self._unpersisted_bytes += len(update)
         if self.store_failing is None:
             self.store_failing = str(exc)
@@ -591,14 +616,17 @@ class Mesh:
             await asyncio.sleep(delay)
             pending = list(self._unpersisted)
             try:
-                await asyncio.gather(*(self.store.append(d, v, u) for d, v, u in pending))
+                await asyncio.gather(*(self.store.append(d, v, u) for d, v, u, _ in pending))
             except Exception as exc:
                 self.store_failing = str(exc)
                 log.debug("store.retry_failed", error=str(exc), retained=len(pending))
                 delay = min(delay * 2, 10.0)
                 continue
             del self._unpersisted[: len(pending)]
-            self._unpersisted_bytes = sum(len(u) for _, _, u in self._unpersisted)
+            self._unpersisted_bytes = sum(len(u) for _, _, u, _ in self._unpersisted)
+            for d, _, u, local in pending:
+                if local:  # durable at last: now peers may have it
+                    self._send(d, u, exclude=None)
             if not self._unpersisted:
                 log.info("store.recovered", flushed=len(pending))
         self.store_failing = None
@@ -609,7 +637,7 @@ class Mesh:
         if not pending:
             return True
         try:
-            await asyncio.gather(*(self.store.append(d, v, u) for d, v, u in pending))
+            await asyncio.gather(*(self.store.append(d, v, u) for d, v, u, _ in pending))
         except Exception as exc:
             log.error("store.unflushed", retained=len(pending), error=str(exc))
             return False
@@ -635,18 +663,23 @@ class Mesh:
                     st.session.synced[doc_id] = True
         return ctx
 
-    def _committed(self, ctx: Context, update: bytes, *, exclude: NodeId | None) -> None:
-        """Count a new version, tell watchers, and send ``update`` to the peers sharing the context."""
+    def _committed(self, ctx: Context, update: bytes, *, exclude: NodeId | None, send: bool = True) -> None:
+        """Count a new version, tell watchers, and (with ``send``) send ``update`` to the peers sharing the context."""
         ctx.version += 1
         for ch in ctx.entries.pop_changes():
             change = Change(ctx.doc_id, ch.key, ch.value, ch.writer or "", ctx.version)
             for sub in self._subs:
                 sub.offer(change)
+        if send:
+            self._send(ctx.doc_id, update, exclude=exclude)
+
+    def _send(self, doc_id: DocId, update: bytes, *, exclude: NodeId | None) -> None:
+        """Queue ``update`` for every open session sharing ``doc_id``, except ``exclude``'s."""
         for pid, st in self.peers.items():
             if pid == exclude or st.session is None or not st.session.is_open:
                 continue
-            if st.config.shares(ctx.doc_id):
-                st.session.send_update(ctx.doc_id, update)
+            if st.config.shares(doc_id):
+                st.session.send_update(doc_id, update)
                 self.updates_sent += 1
 
     async def write(self, doc_id: DocId, items: list[tuple[str, str | None]]) -> tuple[int, int]:
@@ -676,6 +709,7 @@ class Mesh:
             raise StoreError(
                 f"the store is failing ({self.store_failing}); writes are refused until it recovers (reads still work)"
             )
+        is_new = doc_id not in self.contexts
         ctx = self._context(doc_id, create=True)
         if ctx.rebuilding:
             raise StoreError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
@@ -683,16 +717,23 @@ class Mesh:
             changed = ctx.entries.set_many(items)
         update = ctx.take_update()
         if update is None:
+            if is_new:  # nothing written: the context never came to be
+                ctx.entries.close()
+                del self.contexts[doc_id]
             return ctx.version, 0
-        self._committed(ctx, update, exclude=None)
+        # Watchers here see the change at once; peers only once it is durable, so nothing
+        # of this node's own that a crash could still lose ever leaves it (after a restart
+        # a new Yjs client id would otherwise race the lost write for the same slot).
+        self._committed(ctx, update, exclude=None, send=False)
         version = ctx.version
         try:
             await self.store.append(doc_id, version, update)
         except StoreError as exc:
-            self._retain(doc_id, version, update, exc)
+            self._retain(doc_id, version, update, exc, local=True)
             raise StoreError(
                 f"write not acknowledged: the store failed ({exc}); the change stays in memory and is retried"
             ) from None
+        self._send(doc_id, update, exclude=None)
         return version, changed
 
     def get(self, doc_id: DocId, key: str) -> Entry:

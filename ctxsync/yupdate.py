@@ -58,12 +58,16 @@ import codecs
 import json
 from array import array
 from bisect import bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from .errors import RemoteProtocolError
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH", "InvalidUpdate", "UpdateSummary", "check_update"]
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH", "InvalidUpdate", "MissingDependencies", "UpdateSummary",
+    "check_update", "decode_state_vector",
+]  # fmt: skip
 
 DEFAULT_MAX_BYTES: Final = 256 * 2**20
 """Default largest update :func:`check_update` accepts, in bytes."""
@@ -128,6 +132,18 @@ class InvalidUpdate(RemoteProtocolError):
         super().__init__(reason if offset is None else f"{reason} (at byte {offset})")
         self.reason = reason
         self.offset = offset
+
+
+class MissingDependencies(InvalidUpdate):
+    """
+    An update is well formed but needs structs the receiver does not have (only raised when
+    :func:`check_update` is given the receiver's ``state``).
+
+    yrs would keep such an update pending, and yrs 0.28 can crash the process (SIGSEGV, heap
+    corruption) while merging pending updates, so do not apply it: ask the peer for what is
+    missing (sync step 1) instead. This is not necessarily the peer's fault: updates relayed by
+    different peers can arrive out of order.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +402,8 @@ def check_update(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_string_bytes: int | None = None,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    allow_skip: bool = False,
+    state: Mapping[int, int] | None = None,
 ) -> UpdateSummary:
     """
     Check that a Yjs v1 update is well formed and safe to apply to a context's document.
@@ -404,6 +422,14 @@ def check_update(
         max_string_bytes: Longest string or byte array accepted anywhere in the update, in bytes.
             ``None`` means no limit other than the update's size.
         max_depth: Deepest nesting of arrays/objects accepted in lib0 Any values and JSON texts.
+        allow_skip: Accept Skip structs. Only merged updates with gaps hold them (neither
+            ``Doc.get_update()`` nor a transaction's update does), and yrs 0.28 can crash the
+            process on a pending update holding one, so they are refused by default.
+        state: The receiver's state vector (client id -> next clock, see
+            :func:`decode_state_vector`). When given, an update that needs structs neither the
+            receiver nor the update holds (a clock gap, an origin, a parent or a deletion beyond
+            what is known) raises :class:`MissingDependencies` instead of being accepted: yrs would
+            keep it pending, and its pending-update code can crash the process.
 
     Returns:
         What the update holds. Apply it to a scratch document next; this check cannot see items
@@ -413,6 +439,7 @@ def check_update(
         InvalidUpdate: If the update is too large, truncated, malformed, uses an encoding yrs and
             yjs disagree on, or would put something other than a keyed plain value in the entries
             root. ``offset`` tells where.
+        MissingDependencies: If ``state`` is given and the update is not causally ready.
 
     """
     if not isinstance(update, bytes):
@@ -427,6 +454,15 @@ def check_update(
     in_entries = _Intervals()
     seen_clients: set[int] = set()
     total_structs = 0
+    # With ``state``: what the update covers (client -> (first clock, end clock)) and the clocks it
+    # refers to outside itself (client -> highest clock referred to + 1, and where).
+    covers: dict[int, tuple[int, int]] = {}
+    needs: dict[int, tuple[int, int]] = {}
+    ready = state is not None
+
+    def need(ref_client: int, ref_clock: int, at: int) -> None:
+        if ref_client not in needs or needs[ref_client][0] <= ref_clock:
+            needs[ref_client] = (ref_clock + 1, at)
 
     n_clients, pos = _count(data, 0, "number of clients", 3)
     for _ in range(n_clients):
@@ -437,6 +473,13 @@ def check_update(
             _fail(f"client {client} listed twice", client_at)
         seen_clients.add(client)
         clock, pos = _u32(data, pos, "clock")
+        first_clock = clock
+        if state is not None and clock > state.get(client, 0):
+            raise MissingDependencies(
+                f"update starts at clock {clock} of client {client}; "
+                f"the receiver has clocks up to {state.get(client, 0)}",
+                offset=client_at,
+            )
         total_structs += n_structs
         for _ in range(n_structs):
             struct_at = pos
@@ -448,6 +491,14 @@ def check_update(
                 length, pos = _u32(data, pos, "GC/Skip length")
                 if length == 0:
                     _fail("empty GC/Skip struct", struct_at)
+                if info == _SKIP_INFO:
+                    if not allow_skip:
+                        _fail("Skip struct refused (allow_skip is off)", struct_at)
+                    if state is not None and clock + length > state.get(client, 0):
+                        raise MissingDependencies(
+                            f"update skips clocks {clock}..{clock + length - 1} of client {client}",
+                            offset=struct_at,
+                        )
             else:
                 ref = info & 0x1F
                 if ref == _GC_INFO or ref == _SKIP_INFO:
@@ -462,10 +513,18 @@ def check_update(
                 if info & _HAS_ORIGIN:
                     origin_client, pos = _varuint(data, pos, "origin client")
                     origin_clock, pos = _u32(data, pos, "origin clock")
+                    if origin_client == client and origin_clock >= clock:
+                        _fail("item's origin is not older than the item", struct_at)
+                    if ready and origin_client != client:
+                        need(origin_client, origin_clock, struct_at)
                     origin = (origin_client, origin_clock)
                 if info & _HAS_RIGHT_ORIGIN:
                     right_client, pos = _varuint(data, pos, "right origin client")
                     right_clock, pos = _u32(data, pos, "right origin clock")
+                    if right_client == client and right_clock >= clock:
+                        _fail("item's right origin is not older than the item", struct_at)
+                    if ready and right_client != client:
+                        need(right_client, right_clock, struct_at)
                     right_origin = (right_client, right_clock)
                 if origin is None and right_origin is None:
                     parent_at = pos
@@ -475,8 +534,12 @@ def check_update(
                         roots.add(root)
                         parent_is_entries = root == entries_root
                     elif parent_info == 0:
-                        _, pos = _varuint(data, pos, "parent client")
-                        _, pos = _u32(data, pos, "parent clock")
+                        parent_client, pos = _varuint(data, pos, "parent client")
+                        parent_clock, pos = _u32(data, pos, "parent clock")
+                        if parent_client == client and parent_clock >= clock:
+                            _fail("item's parent is not older than the item", struct_at)
+                        if ready and parent_client != client:
+                            need(parent_client, parent_clock, struct_at)
                     else:
                         _fail(f"parent info {parent_info} is neither 0 nor 1", parent_at)
                     if info & _HAS_PARENT_SUB:
@@ -540,6 +603,7 @@ def check_update(
             if clock + length > _U32_MAX:
                 _fail(f"clock of client {client} runs past 2**32 - 1", struct_at)
             clock += length
+        covers[client] = (first_clock, clock)
 
     delete_ranges = 0
     ds_clients, pos = _count(data, pos, "number of delete set clients", 2)
@@ -560,8 +624,22 @@ def check_update(
                 _fail("empty delete range", range_at)
             if clock + length > _U32_MAX:
                 _fail("delete range runs past clock 2**32 - 1", range_at)
+            if ready:
+                need(client, clock + length - 1, range_at)
     if pos != n:
         _fail(f"{n - pos} trailing bytes after the delete set", pos)
+    if state is not None:
+        for ref_client, (ref_end, at) in needs.items():
+            known = state.get(ref_client, 0)
+            covered = covers.get(ref_client)
+            if covered is not None:
+                known = max(known, covered[1])
+            if ref_end > known:
+                raise MissingDependencies(
+                    f"update refers to clock {ref_end - 1} of client {ref_client}; "
+                    f"the receiver and the update have clocks up to {known}",
+                    offset=at,
+                )
     return UpdateSummary(
         clients=n_clients,
         structs=total_structs,
@@ -570,3 +648,28 @@ def check_update(
         entry_keys=frozenset(entry_keys),
         size_bytes=n,
     )
+
+
+def decode_state_vector(state: bytes) -> dict[int, int]:
+    """
+    Decode an encoded Yjs state vector, as ``Doc.get_state()`` returns it.
+
+    Args:
+        state: ``varuint count``, then ``count x (varuint client, varuint clock)``.
+
+    Returns:
+        Client id -> next clock (the number of structs of that client the document holds).
+
+    Raises:
+        InvalidUpdate: If the bytes are not exactly one well-formed state vector.
+
+    """
+    data = bytes(state)
+    count, pos = _count(data, 0, "number of state vector entries", 2)
+    result: dict[int, int] = {}
+    for _ in range(count):
+        client, pos = _varuint(data, pos, "state vector client")
+        result[client], pos = _u32(data, pos, "state vector clock")
+    if pos != len(data):
+        _fail(f"{len(data) - pos} trailing bytes after the state vector", pos)
+    return result

@@ -107,7 +107,8 @@ async def test_triangle_converges_without_echo(make: Callable[[str], Node]) -> N
     assert a.updates_received == 0
     assert a.peers[nb.node_id].session.stats.received_updates == 0  # type: ignore[union-attr]
     # b's copy from c (or c's from b) is a duplicate: applied, not counted as a new version.
-    assert b.contexts[DocId("ctx")].version == 21 and c.contexts[DocId("ctx")].version == 21
+    await wait_until(lambda: b.contexts[DocId("ctx")].version == 21 and c.contexts[DocId("ctx")].version == 21, T)
+    assert a.updates_received == 0
     for t in tasks:
         t.cancel()
 
