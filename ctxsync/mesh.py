@@ -108,6 +108,11 @@ class Context:
             return real[0]
         return pycrdt.merge_updates(*real)
 
+    def close(self) -> None:
+        """Drop the observers (pycrdt keeps an observed Doc alive until unobserved)."""
+        self.entries.close()
+        self.doc.unobserve(self._sub)
+
     def load(self, updates: list[bytes]) -> None:
         """Apply stored updates (checkpoint first) at startup; nothing is relayed."""
         with self.doc.transaction(origin="store"):
@@ -577,7 +582,7 @@ class Mesh:
         fresh = Context(ctx.doc_id, self.node_id, self.clock, version=ctx.version)
         retained = [u for d, _, u, _ in self._unpersisted if d == ctx.doc_id]
         fresh.load((stored.updates if stored else []) + retained)
-        ctx.entries.close()
+        ctx.close()
         self.contexts[ctx.doc_id] = fresh
         log.info("context.rebuilt", doc_id=ctx.doc_id, entries=len(fresh.entries))
         for st in self.peers.values():
@@ -718,7 +723,7 @@ class Mesh:
         update = ctx.take_update()
         if update is None:
             if is_new:  # nothing written: the context never came to be
-                ctx.entries.close()
+                ctx.close()
                 del self.contexts[doc_id]
             return ctx.version, 0
         # Watchers here see the change at once; peers only once it is durable, so nothing

@@ -690,9 +690,14 @@ class Store:
             check: pycrdt.Doc[Any] = pycrdt.Doc()
             check.apply_update(update)
             changes: list[bytes] = []
-            check.observe(lambda event: changes.append(event.update))
-            for source in sources:
-                check.apply_update(source)
+            subscription = check.observe(lambda event: changes.append(event.update))
+            try:
+                for source in sources:
+                    check.apply_update(source)
+            finally:
+                # pycrdt keeps an observed Doc alive until it is unobserved: without this every
+                # compaction leaked a document's worth of memory.
+                check.unobserve(subscription)
             if any(c != b"\x00\x00" for c in changes):
                 self._compaction_failed(doc_id, "the merged checkpoint does not hold everything in the log")
                 return False

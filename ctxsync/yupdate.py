@@ -39,8 +39,16 @@ applies):
 Also refused, as pycrdt never writes them and yrs would silently wrap or misread them: type refs
 other than 0-4 and 6 (7 weak link, 9 subdocument type, 15 undefined), numbers yrs reads as 32-bit
 (clocks, lengths, counts) above ``2**32 - 1``, a client's clock running past ``2**32 - 1``, empty
-GC/Skip structs and delete ranges, a client listed twice in the structs or in the delete set, and
-a parent info other than 0 or 1.
+GC/Skip structs and delete ranges, a client listed twice in the structs or in the delete set, a
+parent info other than 0 or 1, and an item whose origin, right origin or parent is an item of its
+own client that is not older than itself (impossible in a real history; two such updates crash
+yrs 0.28 with SIGSEGV).
+
+Skip structs (only merged updates with gaps hold them) are refused unless ``allow_skip``: yrs 0.28
+crashes the process (SIGSEGV) on some pending updates holding one. More generally, yrs 0.28 can
+crash or corrupt its heap while merging *pending* updates (ones whose dependencies the document
+lacks), which no check of one update alone can rule out; pass the receiver's state vector as
+``state`` to refuse such updates (:class:`MissingDependencies`) and never create pending state.
 
 Limits: an item placed by an origin or a right origin, or parented by ID, inherits its parent from
 an item of the receiver's document, which a check of the bytes alone cannot see. Such an item is

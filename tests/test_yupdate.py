@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from ctxsync.entries import Clock, EntryMap
 from ctxsync.errors import RemoteProtocolError
 from ctxsync.types import ENTRIES_ROOT, NodeId
-from ctxsync.yupdate import InvalidUpdate, UpdateSummary, check_update
+from ctxsync.yupdate import (
+    InvalidUpdate,
+    MissingDependencies,
+    UpdateSummary,
+    check_update,
+    decode_state_vector,
+)
 
 MIB = 1 << 20
 
@@ -40,13 +46,17 @@ def varstring(s: str | bytes) -> bytes:
 
 def update(client: int, clock: int, structs: list[bytes], delete_set: bytes = b"\x00") -> bytes:
     """One client's structs, then a delete set."""
-    return varuint(1) + varuint(len(structs)) + varuint(client) + varuint(clock) + b"".join(structs) + delete_set
+    return (
+        varuint(1) + varuint(len(structs)) + varuint(client) + varuint(clock) + b"".join(structs) + delete_set
+    )
 
 
 def root_item(ref: int, root: str | bytes, content: bytes, sub: str | bytes | None = None) -> bytes:
     """An item parented by name to a root type, with content ``ref``."""
     info = ref | (0x20 if sub is not None else 0)
-    return bytes([info]) + varuint(1) + varstring(root) + (varstring(sub) if sub is not None else b"") + content
+    return (
+        bytes([info]) + varuint(1) + varstring(root) + (varstring(sub) if sub is not None else b"") + content
+    )
 
 
 def any_item(root: str, key: str | None, value: bytes) -> bytes:
@@ -104,12 +114,13 @@ def build_text(doc: pycrdt.Doc[Any]) -> None:
     text = doc.get("t", type=pycrdt.Text)
     text += "hello world"
     text.insert(5, ", dear", {"bold": True})
-    text.insert(0, "😀 é ")
     text.format(2, 8, {"italic": True, "color": "#ff0000"})
     text.insert_embed(3, {"image": "https://example.com/a.png"}, {"width": 10})
     del text[1:4]
     text += "!" * 100
     del text[len(text) - 50 :]
+    text.insert(0, "😀 é ")  # no formatting after this: see test_refuses_format_update_yrs_cannot_apply
+    text += " more"
 
 
 def build_array(doc: pycrdt.Doc[Any]) -> None:
@@ -255,7 +266,7 @@ def test_accepts_big_document() -> None:
 def test_accepts_bytearray_and_memoryview() -> None:
     """Accepts any bytes-like object holding an update."""
     u = corpus()["entries"][-1]
-    assert check_update(bytearray(u)) == check_update(u)
+    assert check_update(bytearray(u)) == check_update(u)  # type: ignore[arg-type]
     assert check_update(memoryview(u)) == check_update(u)  # type: ignore[arg-type]
 
 
@@ -288,7 +299,16 @@ def test_summary_of_nested_and_merged_updates() -> None:
 def test_summary_counts_structs_and_delete_ranges() -> None:
     """Counts structs and delete ranges exactly as encoded."""
     u = update(5, 0, [any_item("m", "a", TRUE), any_item("m", "b", TRUE), b"\x00\x03"])
-    u = u[:-1] + varuint(2) + varuint(5) + varuint(2) + b"\x00\x01\x05\x01" + varuint(9) + varuint(1) + b"\x00\x02"
+    u = (
+        u[:-1]
+        + varuint(2)
+        + varuint(5)
+        + varuint(2)
+        + b"\x00\x01\x05\x01"
+        + varuint(9)
+        + varuint(1)
+        + b"\x00\x02"
+    )
     assert check_update(u) == UpdateSummary(1, 3, 3, frozenset({"m"}), frozenset(), len(u))
 
 
@@ -396,6 +416,11 @@ def test_huge_claims_would_hurt_pycrdt_without_the_check() -> None:
         (update(5, 2**32 - 1, [b"\x00\x01"]), "past 2\\*\\*32"),
         (update(5, 0, [b"\x00\x00"]), "empty GC"),
         (update(5, 0, [b"\x0a\x00"]), "empty GC/Skip"),
+        (update(5, 0, [b"\x0a\x01"]), "Skip struct refused"),
+        (update(5, 1, [b"\x84\x05\x04" + varstring("ab")]), "origin is not older"),
+        (update(5, 1, [b"\x44\x05\x01" + varstring("ab")]), "right origin is not older"),
+        (update(5, 1, [b"\x44\x05\x02" + varstring("ab")]), "right origin is not older"),
+        (update(5, 1, [b"\x04\x00\x05\x02" + varstring("ab")]), "parent is not older"),
         (update(5, 0, [b"\x80\x01\x00\x01"]), "flag bits"),
         (update(5, 0, [b"\x4a\x01\x00\x01"]), "flag bits"),
         (update(5, 0, [root_item(11, "m", b"\x00")]), "unknown content ref 11"),
@@ -492,6 +517,112 @@ def test_refuses_deep_nesting_made_by_pycrdt() -> None:
     check_update(doc.get_update(), max_depth=101)
 
 
+def test_refuses_format_update_yrs_cannot_apply() -> None:
+    """pycrdt's format update after an astral character names itself as right origin: refused.
+
+    No replica can integrate such an item (pycrdt leaves it, and every later update of its client,
+    pending forever), so the update is refused as impossible rather than parked.
+    """
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=7)
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(event.update))
+    text = doc.get("t", type=pycrdt.Text)
+    text += "hello world"
+    text.insert(0, "😀 é ")
+    text.format(2, 8, {"italic": True})
+    replica: pycrdt.Doc[Any] = pycrdt.Doc()
+    for u in updates:
+        replica.apply_update(u)
+    assert decode_state_vector(replica.get_state()) != decode_state_vector(doc.get_state())
+    with pytest.raises(InvalidUpdate, match="right origin is not older"):
+        check_update(updates[-1])
+
+
+# -- yrs crash guards: Skip structs and causal readiness ------------------------------------
+
+# Each pair below is accepted by pycrdt 0.14.13 one update at a time, and applying both to one
+# Doc(client_id=99) kills the process with SIGSEGV (found by fuzzing; kept as data, never applied).
+SEGFAULT_PAIRS = [
+    # Two pending updates of client 2 overlapping at clock 2; the second's origin is its own future.
+    ("01010202000300", "0101020184020402616200"),
+    # Pending updates: a Skip at clock 3 of client 1, then an item filling it with origin into a GC.
+    ("0103010100020a010801017402787e00", "01010103a8010102787601017677013100"),
+]
+
+
+@pytest.mark.parametrize("pair", SEGFAULT_PAIRS)
+def test_refuses_known_segfault_pairs(pair: tuple[str, str]) -> None:
+    """One update of each known crashing pair is refused alone; with a fresh doc's state, both are."""
+    updates = [bytes.fromhex(h) for h in pair]
+    refused = 0
+    for u in updates:
+        try:
+            check_update(u)
+        except InvalidUpdate:
+            refused += 1
+    assert refused == 1
+    for u in updates:
+        with pytest.raises(MissingDependencies):
+            check_update(u, allow_skip=True, state={})
+
+
+def test_skip_structs_need_allow_skip() -> None:
+    """A merged update with a gap holds a Skip: refused by default, accepted with allow_skip."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=5)
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(event.update))
+    for i in range(3):
+        doc.get("m", type=pycrdt.Map)[str(i)] = i
+    gappy = pycrdt.merge_updates(updates[0], updates[2])
+    with pytest.raises(InvalidUpdate, match="Skip"):
+        check_update(gappy)
+    assert check_update(gappy, allow_skip=True).structs == 3
+    with pytest.raises(MissingDependencies, match="skips clocks 1..1"):
+        check_update(gappy, allow_skip=True, state={})
+    check_update(gappy, allow_skip=True, state={5: 2})
+
+
+def test_state_vector_decoding() -> None:
+    """Decodes pycrdt state vectors; refuses malformed ones."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2**40)
+    assert decode_state_vector(doc.get_state()) == {}
+    doc.get("t", type=pycrdt.Text).insert(0, "a😀")
+    assert decode_state_vector(doc.get_state()) == {2**40: 3}
+    for bad in (b"", b"\x01", b"\x01\x05", b"\x00\x00", b"\xff\xff\xff\x0f"):
+        with pytest.raises(InvalidUpdate):
+            decode_state_vector(bad)
+
+
+def test_ready_updates_pass_with_state() -> None:
+    """Every update of a recorded history is ready against the state it was made from."""
+    for name in ("entries", "text", "nested", "xml", "map_values"):
+        doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        for u in corpus()[name][:-1]:
+            check_update(u, state=decode_state_vector(doc.get_state()))
+            doc.apply_update(u)
+        check_update(corpus()[name][-1], state={})
+
+
+def test_refuses_updates_not_ready_for_state() -> None:
+    """With the receiver's state, gaps and references to unknown structs raise MissingDependencies."""
+    text_updates = corpus()["text"]
+    with pytest.raises(MissingDependencies, match="starts at clock"):
+        check_update(text_updates[1], state={})
+    other = update(9, 0, [b"\x84" + varuint(5) + varuint(3) + varstring("x")])
+    with pytest.raises(MissingDependencies, match="clock 3 of client 5"):
+        check_update(other, state={5: 3})
+    check_update(other, state={5: 4})
+    parent = update(9, 0, [b"\x08\x00\x05\x07\x01\x78"])
+    with pytest.raises(MissingDependencies, match="clock 7 of client 5"):
+        check_update(parent, state={5: 7})
+    deletion = b"\x00\x01\x05\x01\x02\x03"
+    with pytest.raises(MissingDependencies, match="clock 4 of client 5"):
+        check_update(deletion, state={5: 4})
+    check_update(deletion, state={5: 5})
+    check_update(deletion)  # without a state, only the shape is checked
+    assert isinstance(MissingDependencies("x"), InvalidUpdate)
+
+
 # -- entries root rules ---------------------------------------------------------------------
 
 
@@ -505,7 +636,9 @@ ENTRIES_MISUSES: dict[str, Callable[[pycrdt.Doc[Any]], None]] = {
     "text root": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.Text).insert(0, "text"),
     "array root": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.Array).append({"t": "0" * 16, "v": "1"}),
     "xml root": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.XmlFragment).children.append("x"),
-    "nested map": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.Map).__setitem__("k\x1fn", pycrdt.Map({"t": "x"})),
+    "nested map": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.Map).__setitem__(
+        "k\x1fn", pycrdt.Map({"t": "x"})
+    ),
     "nested array": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.Map).__setitem__("k\x1fn", pycrdt.Array([1])),
     "nested text": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.Map).__setitem__("k\x1fn", pycrdt.Text("x")),
     "subdoc": lambda d: d.get(ENTRIES_ROOT, type=pycrdt.Map).__setitem__("k\x1fn", pycrdt.Doc()),
@@ -545,7 +678,11 @@ def test_refuses_non_plain_entry_items(item: bytes, match: str) -> None:
 
 def test_accepts_plain_entry_items() -> None:
     """Accepts keyed Any and Deleted items under the entries root."""
-    u = update(5, 0, [any_item(ENTRIES_ROOT, "a", b"\x76\x01\x01v\x77\x011"), root_item(1, ENTRIES_ROOT, b"\x02", "b")])
+    u = update(
+        5,
+        0,
+        [any_item(ENTRIES_ROOT, "a", b"\x76\x01\x01v\x77\x011"), root_item(1, ENTRIES_ROOT, b"\x02", "b")],
+    )
     assert check_update(u).entry_keys == {"a", "b"}
 
 
@@ -563,12 +700,13 @@ def test_refuses_shared_type_after_entry_in_same_update() -> None:
 
 def test_accepts_shared_type_by_origin_to_unknown_item() -> None:
     """Documented limit: an item positioned after an item the update does not hold is accepted."""
-    updates = recorded(
-        lambda doc: (
-            doc.get(ENTRIES_ROOT, type=pycrdt.Map).__setitem__("k\x1fn", {"t": "0" * 16, "v": "1"}),
-            doc.get(ENTRIES_ROOT, type=pycrdt.Map).__setitem__("k\x1fn", pycrdt.Map({"nested": 1})),
-        )
-    )
+
+    def build(doc: pycrdt.Doc[Any]) -> None:
+        entries = doc.get(ENTRIES_ROOT, type=pycrdt.Map)
+        entries["k\x1fn"] = {"t": "0" * 16, "v": "1"}
+        entries["k\x1fn"] = pycrdt.Map({"nested": 1})
+
+    updates = recorded(build)
     check_update(updates[1])  # the second write alone: its parent is only known to the receiver
     with pytest.raises(InvalidUpdate):
         check_update(updates[-1])

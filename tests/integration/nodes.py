@@ -92,6 +92,16 @@ class Node:
         """``ctxsync status --json``."""
         return dict(json.loads(self.cli("status", "--json").stdout))
 
+    def try_status(self) -> dict[str, Any] | None:
+        """``ctxsync status --json``, or None if the daemon did not answer (e.g. busy applying a large catch-up)."""
+        cp = self.cli("status", "--json", check=False)
+        return dict(json.loads(cp.stdout)) if cp.returncode == 0 else None
+
+    def entry_count(self, context: str) -> int | None:
+        """Live entries of ``context`` per ``status``, or None if absent or the daemon did not answer."""
+        st = self.try_status()
+        return None if st is None else st["contexts"].get(context, {}).get("entries")
+
     # -- daemon ----------------------------------------------------------------------
 
     def start(self, *, wait: bool = True) -> None:

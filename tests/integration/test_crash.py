@@ -397,7 +397,7 @@ def test_sigkill_during_large_catch_up(make_node: MakeNode, report: Callable[[st
     restart_s = timed_start(b)
     started = assert_opened_cleanly(b)
     t0 = time.monotonic()
-    wait_for(lambda: b.status()["contexts"].get("big", {}).get("entries") == CATCH_UP_ENTRIES, timeout=90)
+    wait_for(lambda: b.entry_count("big") == CATCH_UP_ENTRIES, timeout=90)
     caught_up_s = time.monotonic() - t0
     assert context_of(b, "big") == context_of(a, "big")
     assert_opened_cleanly(b)

@@ -104,8 +104,7 @@ def get_all(node: Node, context: str) -> dict[str, Any]:
 
 def entries(node: Node, context: str) -> int | None:
     """Live entries of ``context`` on ``node`` per ``status``, None if absent."""
-    ctx = node.status()["contexts"].get(context)
-    return None if ctx is None else int(ctx["entries"])
+    return node.entry_count(context)
 
 
 # -- 1. partition ------------------------------------------------------------------------
