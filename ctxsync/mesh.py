@@ -5,8 +5,9 @@ The mesh: contexts, peer sessions, the dialer, and the routing of updates.
 every live :class:`~ctxsync.session.PeerSession` and a dial loop per configured peer. It is
 the :class:`~ctxsync.session.SessionHandler` of all sessions. Its rules:
 
-- A local write is applied to the document, sent at once to every open session the
-  context is shared with, and acknowledged to its caller once the store committed it.
+- A local write is applied to the document and shown to local watchers at once; it is
+  sent to the open sessions sharing the context and acknowledged to its caller once the
+  store committed it (a write a crash could still lose never leaves as a live update).
 - An update received from a peer is applied in one transaction tagged with the peer as
   origin. Only what was new to this node (the transaction's own update) is stored and
   relayed, to every other peer sharing the context, never back to where it came from.
@@ -547,9 +548,6 @@ class Mesh:
                 check_update(u, entries_root=ENTRIES_ROOT, max_bytes=limit)
             except InvalidUpdate as exc:
                 raise InvalidUpdate(f"update refused for {doc_id}: {exc.reason}", offset=exc.offset) from None
-        ctx = self._context(doc_id, create=True)
-        if ctx.rebuilding:
-            return None  # the rebuild's resync brings it again
         small = [u for u in updates if len(u) <= SCRATCH_MAX_BYTES]
         if small:
             scratch: pycrdt.Doc[Any] = pycrdt.Doc()
@@ -560,6 +558,9 @@ class Mesh:
             except BaseException as exc:
                 _reraise_fatal(exc)
                 raise RemoteProtocolError(f"update refused for {doc_id}: pycrdt failed on it ({type(exc).__name__}: {exc})") from None
+        ctx = self._context(doc_id, create=True)  # only now: a refused update creates nothing
+        if ctx.rebuilding:
+            return None  # the rebuild's resync brings it again
         try:
             with ctx.doc.transaction(origin=origin):
                 for u in updates:
@@ -578,10 +579,18 @@ class Mesh:
         self._spawn(self._rebuild_from_store(ctx), f"rebuild-{ctx.doc_id}")
 
     async def _rebuild_from_store(self, ctx: Context) -> None:
-        stored = await self.store.load(ctx.doc_id)  # runs after every append queued before it
         fresh = Context(ctx.doc_id, self.node_id, self.clock, version=ctx.version)
-        retained = [u for d, _, u, _ in self._unpersisted if d == ctx.doc_id]
-        fresh.load((stored.updates if stored else []) + retained)
+        try:
+            stored = await self.store.load(ctx.doc_id)  # runs after every append queued before it
+            retained = [u for d, _, u, _ in self._unpersisted if d == ctx.doc_id]
+            fresh.load((stored.updates if stored else []) + retained)
+        except BaseException as exc:
+            _reraise_fatal(exc)
+            fresh.close()
+            # The context stays "rebuilding": writes to it are refused, peers' updates to it
+            # dropped, until a restart loads it again (or refuses a damaged store).
+            log.error("context.rebuild_failed", doc_id=ctx.doc_id, error=f"{type(exc).__name__}: {exc}")
+            return
         ctx.close()
         self.contexts[ctx.doc_id] = fresh
         log.info("context.rebuilt", doc_id=ctx.doc_id, entries=len(fresh.entries))

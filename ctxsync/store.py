@@ -261,6 +261,12 @@ def _settle(outcomes: list[_Outcome]) -> None:
             future.set_result(value) if exc is None else future.set_exception(exc)
 
 
+COMPACT_RATIO = 4
+"""A large context is compacted once its log is at least 1/COMPACT_RATIO of its checkpoint."""
+COMPACT_RATIO_FROM_BYTES = 1 << 20
+"""Checkpoint size (bytes) from which :data:`COMPACT_RATIO` applies; smaller ones compact by row count alone."""
+
+
 def checksum_seal(blob: bytes, aad: bytes) -> bytes:
     """
     Frame a blob with a CRC-32 of ``aad + blob``: ``crc32 (4 bytes, big endian) + blob``.
@@ -320,6 +326,8 @@ class Store:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log_rows: dict[str, int] = {}  # worker only: log rows since the checkpoint
+        self._log_bytes: dict[str, int] = {}  # worker only: bytes of those rows
+        self._checkpoint_bytes: dict[str, int] = {}  # worker only: size of each checkpoint
         self._retry_at: dict[str, int] = {}  # worker only: log rows before retrying a failed compaction
         self._appends = self._commits = self._compactions = self._compaction_failures = 0
         self._last_compaction_error: str | None = None
@@ -543,15 +551,21 @@ class Store:
         schema, migrations = _scripts()
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         try:
+            # A new store frees the pages of compacted log rows (incremental_vacuum after each
+            # compaction) instead of keeping them; this only takes effect before the first table.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode!r})")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             migrate(conn, schema, migrations)
-            self._log_rows = dict(
-                conn.execute("SELECT doc_id, COUNT(*) FROM updates GROUP BY doc_id").fetchall()
-            )
+            self._log_rows, self._log_bytes = {}, {}
+            for doc_id, rows, size in conn.execute(
+                "SELECT doc_id, COUNT(*), SUM(LENGTH(data)) FROM updates GROUP BY doc_id"
+            ):
+                self._log_rows[doc_id], self._log_bytes[doc_id] = rows, size or 0
+            self._checkpoint_bytes = dict(conn.execute("SELECT doc_id, LENGTH(data) FROM checkpoints").fetchall())
         except BaseException:
             conn.close()
             raise
@@ -575,7 +589,7 @@ class Store:
         close = next((op for op in ops if op.kind == "close"), None)
         for doc_id in {a.doc_id for a in appends} if close is None else ():
             rows = self._log_rows.get(doc_id, 0)
-            if rows > self.compact_threshold and rows >= self._retry_at.get(doc_id, 0):
+            if rows > self.compact_threshold and rows >= self._retry_at.get(doc_id, 0) and self._log_is_large(doc_id):
                 try:
                     self._compact_now(conn, doc_id)
                 except Exception as exc:
@@ -613,8 +627,9 @@ class Store:
             return outcomes + [(j.future, None, self._error(exc, what)) for j in committed]
         self._commits += 1
         self._appends += len(sealed)
-        for a in sealed:
+        for a, row in zip(sealed, rows, strict=True):
             self._log_rows[a.doc_id] = self._log_rows.get(a.doc_id, 0) + 1
+            self._log_bytes[a.doc_id] = self._log_bytes.get(a.doc_id, 0) + len(row[2])
         return outcomes + [(j.future, None, None) for j in committed]
 
     @staticmethod
@@ -660,6 +675,16 @@ class Store:
                     version = max(version, row_version)
             loaded.append(StoredContext(DocId(doc_id), updates, version, created_at_ms))
         return loaded
+
+    def _log_is_large(self, doc_id: str) -> bool:
+        """
+        Tell whether the log is worth merging: a compaction replays the whole context, so once
+        its checkpoint passes :data:`COMPACT_RATIO_FROM_BYTES` it waits until the log is at
+        least 1/:data:`COMPACT_RATIO` of the checkpoint (amortised O(1) per write; a restart
+        replays at most that much log).
+        """
+        checkpoint = self._checkpoint_bytes.get(doc_id, 0)
+        return checkpoint < COMPACT_RATIO_FROM_BYTES or self._log_bytes.get(doc_id, 0) * COMPACT_RATIO >= checkpoint
 
     def _compaction_failed(self, doc_id: str, reason: str) -> None:
         self._compaction_failures += 1
@@ -718,6 +743,13 @@ class Store:
             self._rollback(conn)
             raise _translate(exc, self.path, f"cannot write the checkpoint of {doc_id!r}") from exc
         self._log_rows[doc_id] = self._log_rows.get(doc_id, 0) - len(rows)
+        self._log_bytes[doc_id] = max(0, self._log_bytes.get(doc_id, 0) - sum(len(r[2]) for r in rows))
+        self._checkpoint_bytes[doc_id] = len(sealed_update)
         self._retry_at.pop(doc_id, None)
         self._compactions += 1
+        try:  # give the freed pages back and keep the WAL from growing with big checkpoints
+            conn.execute("PRAGMA incremental_vacuum")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # only space is at stake; the next compaction tries again
         return True
