@@ -748,7 +748,7 @@ class Store:
         self._retry_at.pop(doc_id, None)
         self._compactions += 1
         try:  # give the freed pages back and keep the WAL from growing with big checkpoints
-            conn.execute("PRAGMA incremental_vacuum")
+            conn.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page only
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass  # only space is at stake; the next compaction tries again
