@@ -56,13 +56,11 @@ from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
 from ctxsync.store import Store
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
-from ctxsync.yupdate import InvalidUpdate, check_update
+from ctxsync.yupdate import InvalidUpdate, MissingDependencies, check_update, decode_state_vector
 
 log = structlog.get_logger("ctxsync.mesh")
 
 _EMPTY_UPDATE = b"\x00\x00"
-SCRATCH_MAX_BYTES = 64 * 1024
-"""Remote updates up to this size (bytes) are tried on a scratch document before the real one."""
 MAX_UNPERSISTED_BYTES = 64 * 1024 * 1024
 """Updates kept in memory (bytes) while the store fails, to store them once it works again."""
 _EMPTY_STATE_VECTOR = b"\x00"
@@ -121,6 +119,16 @@ class Context:
                 self.doc.apply_update(u)
         self._captured.clear()
         self.entries.pop_changes()
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What :meth:`Mesh.ingest` applied."""
+
+    updates: list[bytes]
+    """Updates of what was new here, one per applied update that changed something."""
+    missing: bool
+    """True if updates were left out because they build on structs this node lacks."""
 
 
 class _Subscription:
@@ -489,15 +497,26 @@ class Mesh:
     def _apply_remote(self, session: PeerSession, doc_id: DocId, updates: list[bytes]) -> None:
         self.updates_received += len(updates)
         session.stats.received_updates += len(updates)
-        update = self.ingest(session.peer_id, doc_id, updates)
-        if update is None:
+        result = self.ingest(session.peer_id, doc_id, updates)
+        ctx = self.contexts.get(doc_id)
+        if ctx is None:
             return
-        ctx = self.contexts[doc_id]
-        self._committed(ctx, update, exclude=session.peer_id)
-        self._persist_nowait(doc_id, ctx.version, update)
+        for update in result.updates:
+            self._committed(ctx, update, exclude=session.peer_id)
+            self._persist_nowait(doc_id, ctx.version, update)
+        if result.missing:
+            self._ask_for_missing(session, ctx)
         reasserts = ctx.entries.take_reasserts()
         if reasserts:
             self._restore_own(ctx, reasserts)
+
+    def _ask_for_missing(self, session: PeerSession, ctx: Context) -> None:
+        """An update from ``session`` built on structs this node lacks: ask the peer by sync step 1 (at most once a second)."""
+        last = session.step1_sent_at.get(ctx.doc_id, 0.0)
+        if session.synced.get(ctx.doc_id, True) is False and time.monotonic() - last < 1.0:
+            return  # a step 1 is already on its way
+        log.debug("sync.missing_dependencies", peer_id=session.peer_id, doc_id=ctx.doc_id)
+        session.send_step1(ctx.doc_id, ctx.doc.get_state())
 
     def _restore_own(self, ctx: Context, slots: dict[str, Slot]) -> None:
         """Put back this node's newer writes that an older write of its own, lost here in a crash, displaced."""
@@ -518,59 +537,63 @@ class Mesh:
             return
         self._send(doc_id, update, exclude=None)
 
-    def ingest(self, origin: NodeId, doc_id: DocId, updates: list[bytes]) -> bytes | None:
+    def ingest(self, origin: NodeId, doc_id: DocId, updates: list[bytes]) -> Ingested:
         """
         Apply updates received from a peer: the one path every remote byte takes into a document.
 
-        Steps (DESIGN.md, "Hostile input"): each update is walked by
-        :func:`ctxsync.yupdate.check_update` (size cap, every claimed length checked against
-        the bytes there, nothing but plain values under the entries root); small ones are
-        applied to a scratch document first; then all are applied to the context in one
-        transaction tagged ``origin``, catching ``BaseException`` (pycrdt panics) but never
-        ``KeyboardInterrupt``/``SystemExit``/``CancelledError``. If the real apply fails
-        half way, the context is rebuilt from the store and resynced from its peers.
+        Each update is walked by :func:`ctxsync.yupdate.check_update` against the document as it
+        is at that moment (size cap, every claimed length checked against the bytes there,
+        nothing but plain values under the entries root, and every struct it builds on already
+        here), then applied in its own transaction tagged ``origin``, catching
+        ``BaseException`` (pycrdt panics) but never ``KeyboardInterrupt``/``SystemExit``/
+        ``CancelledError``. An update that needs structs this node lacks is not applied: pycrdt
+        would keep it pending, and its pending-update code can crash the process (found by
+        fuzzing pycrdt 0.14.13); the caller asks the peer for what is missing (sync step 1)
+        instead. If a real apply fails half way, the context is rebuilt from the store and
+        resynced from its peers. (DESIGN.md also asks for a scratch document first; an empty
+        scratch document makes every update that builds on earlier ones pending, the very state
+        that crashes pycrdt, so the state-vector check replaces it.)
 
         Args:
             origin: The peer the updates came from.
-            doc_id: Their context (created if new).
+            doc_id: Their context (created when the first update is applied).
             updates: Yjs v1 updates, applied in order.
 
         Returns:
-            The update of what was new to this node (to store and relay), or None.
+            The updates of what was new to this node, one per update that changed something (to
+            store and relay), and whether the rest was left out for missing dependencies.
 
         Raises:
             RemoteProtocolError: An update was refused (InvalidUpdate) or made pycrdt fail;
-                nothing of this call was stored or relayed.
+                updates before it in ``updates`` stay applied (they were valid).
         """
         limit = self.config.sync.max_message_bytes
+        ctx = self.contexts.get(doc_id)
+        new: list[bytes] = []
+        if ctx is not None and ctx.rebuilding:
+            return Ingested(new, missing=False)  # the rebuild's resync brings them again
         for u in updates:
+            state = decode_state_vector(ctx.doc.get_state()) if ctx is not None else {}
             try:
-                check_update(u, entries_root=ENTRIES_ROOT, max_bytes=limit)
+                check_update(u, entries_root=ENTRIES_ROOT, max_bytes=limit, state=state)
+            except MissingDependencies:
+                return Ingested(new, missing=True)
             except InvalidUpdate as exc:
                 raise InvalidUpdate(f"update refused for {doc_id}: {exc.reason}", offset=exc.offset) from None
-        small = [u for u in updates if len(u) <= SCRATCH_MAX_BYTES]
-        if small:
-            scratch: pycrdt.Doc[Any] = pycrdt.Doc()
+            if ctx is None:
+                ctx = self._context(doc_id, create=True)  # only now: a refused update creates nothing
             try:
-                with scratch.transaction():
-                    for u in small:
-                        scratch.apply_update(u)
+                with ctx.doc.transaction(origin=origin):
+                    ctx.doc.apply_update(u)
             except BaseException as exc:
                 _reraise_fatal(exc)
-                raise RemoteProtocolError(f"update refused for {doc_id}: pycrdt failed on it ({type(exc).__name__}: {exc})") from None
-        ctx = self._context(doc_id, create=True)  # only now: a refused update creates nothing
-        if ctx.rebuilding:
-            return None  # the rebuild's resync brings it again
-        try:
-            with ctx.doc.transaction(origin=origin):
-                for u in updates:
-                    ctx.doc.apply_update(u)
-        except BaseException as exc:
-            _reraise_fatal(exc)
-            ctx.take_update()
-            self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
-            raise RemoteProtocolError(f"update refused for {doc_id}: {type(exc).__name__}: {exc}") from None
-        return ctx.take_update()
+                ctx.take_update()
+                self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
+                raise RemoteProtocolError(f"update refused for {doc_id}: {type(exc).__name__}: {exc}") from None
+            update = ctx.take_update()
+            if update is not None:
+                new.append(update)
+        return Ingested(new, missing=False)
 
     def _rebuild(self, ctx: Context, reason: str) -> None:
         """Replace a context whose document may be half-updated by its stored state, then resync it."""

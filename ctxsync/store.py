@@ -553,7 +553,8 @@ class Store:
         try:
             # A new store frees the pages of compacted log rows (incremental_vacuum after each
             # compaction) instead of keeping them; this only takes effect before the first table.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:  # setting it on an existing file writes its header
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL journal mode (got {mode!r})")

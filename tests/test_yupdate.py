@@ -9,7 +9,7 @@ from typing import Any
 
 import pycrdt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ctxsync.entries import Clock, EntryMap
@@ -399,11 +399,12 @@ def test_refuses_huge_claims_fast_and_without_allocating(u: bytes) -> None:
     assert elapsed < 0.1
 
 
-def test_huge_claims_would_hurt_pycrdt_without_the_check() -> None:
-    """The refused claims are not harmless: pycrdt errors on them (or worse) when fed directly."""
+def test_refuses_huge_claim_with_reason_and_offset() -> None:
+    """A lying count is refused where it is written, naming the count and the bytes left."""
     u = update(5, 0, [any_item("m", "k", b"\x75" + varuint(2**31))])[:-1]
-    with pytest.raises(InvalidUpdate, match="exceeds"):
+    with pytest.raises(InvalidUpdate, match="Any array length 2147483648 exceeds the 0 bytes left") as info:
         check_update(u)
+    assert info.value.offset == len(u) - len(varuint(2**31))
 
 
 @pytest.mark.parametrize(
@@ -772,8 +773,10 @@ def test_mutations_are_refused_or_safe_for_pycrdt(u: bytes) -> None:
     try:
         check_update(u)
     except InvalidUpdate:
+        event("refused")
         return
     exc = apply_to_fresh_doc(u)
+    event("accepted, pycrdt " + ("applied it" if exc is None else type(exc).__name__))
     if exc is not None and not isinstance(exc, Exception):
         PANICS_AFTER_ACCEPT.append((u, repr(exc)))
     assert exc is None or isinstance(exc, Exception), f"pycrdt raised {exc!r} on accepted {u.hex()}"
