@@ -529,13 +529,21 @@ class Mesh:
         self._committed(ctx, update, exclude=None, send=False)
         self._spawn(self._store_then_send(ctx.doc_id, ctx.version, update), f"restore-{ctx.doc_id}")
 
-    async def _store_then_send(self, doc_id: DocId, version: int, update: bytes) -> None:
+    async def _store_then_send(self, doc_id: DocId, version: int, update: bytes) -> StoreError | None:
+        """
+        Store an update made here, then send it to the peers (only what is durable leaves).
+
+        Returns:
+            None once stored and sent; the store's error otherwise, after keeping the update
+            to retry (it is sent when it is finally stored).
+        """
         try:
             await self.store.append(doc_id, version, update)
         except StoreError as exc:
             self._retain(doc_id, version, update, exc, local=True)
-            return
+            return exc
         self._send(doc_id, update, exclude=None)
+        return None
 
     def ingest(self, origin: NodeId, doc_id: DocId, updates: list[bytes]) -> Ingested:
         """
@@ -651,35 +659,42 @@ class Mesh:
         delay = 0.5
         while self._unpersisted and not self._stopping:
             await asyncio.sleep(delay)
-            pending = list(self._unpersisted)
             try:
-                await asyncio.gather(*(self.store.append(d, v, u) for d, v, u, _ in pending))
+                flushed = await self._store_retained()
             except Exception as exc:
                 self.store_failing = str(exc)
-                log.debug("store.retry_failed", error=str(exc), retained=len(pending))
+                log.debug("store.retry_failed", error=str(exc), retained=len(self._unpersisted))
                 delay = min(delay * 2, 10.0)
                 continue
-            del self._unpersisted[: len(pending)]
-            self._unpersisted_bytes = sum(len(u) for _, _, u, _ in self._unpersisted)
-            for d, _, u, local in pending:
-                if local:  # durable at last: now peers may have it
-                    self._send(d, u, exclude=None)
             if not self._unpersisted:
-                log.info("store.recovered", flushed=len(pending))
+                log.info("store.recovered", flushed=flushed)
         self.store_failing = None
+
+    async def _store_retained(self) -> int:
+        """
+        Store every retained update in one go, forget them, and send the ones made here.
+
+        Returns:
+            How many were stored. Raises the store's error, keeping them all, if it fails.
+        """
+        pending = list(self._unpersisted)
+        await asyncio.gather(*(self.store.append(d, v, u) for d, v, u, _ in pending))
+        del self._unpersisted[: len(pending)]
+        self._unpersisted_bytes = sum(len(u) for _, _, u, _ in self._unpersisted)
+        for d, _, u, local in pending:
+            if local:  # durable at last: now peers may have it
+                self._send(d, u, exclude=None)
+        return len(pending)
 
     async def flush_unpersisted(self) -> bool:
         """Try once to store what a failing store refused (at shutdown); return whether all is stored."""
-        pending = list(self._unpersisted)
-        if not pending:
+        if not self._unpersisted:
             return True
         try:
-            await asyncio.gather(*(self.store.append(d, v, u) for d, v, u, _ in pending))
+            await self._store_retained()
         except Exception as exc:
-            log.error("store.unflushed", retained=len(pending), error=str(exc))
+            log.error("store.unflushed", retained=len(self._unpersisted), error=str(exc))
             return False
-        self._unpersisted.clear()
-        self._unpersisted_bytes = 0
         return True
 
     # -- contexts and local writes ---------------------------------------------------
@@ -763,14 +778,11 @@ class Mesh:
         # a new Yjs client id would otherwise race the lost write for the same slot).
         self._committed(ctx, update, exclude=None, send=False)
         version = ctx.version
-        try:
-            await self.store.append(doc_id, version, update)
-        except StoreError as exc:
-            self._retain(doc_id, version, update, exc, local=True)
+        failed = await self._store_then_send(doc_id, version, update)
+        if failed is not None:
             raise StoreError(
-                f"write not acknowledged: the store failed ({exc}); the change stays in memory and is retried"
-            ) from None
-        self._send(doc_id, update, exclude=None)
+                f"write not acknowledged: the store failed ({failed}); the change stays in memory and is retried"
+            )
         return version, changed
 
     def get(self, doc_id: DocId, key: str) -> Entry:

@@ -34,6 +34,17 @@ NODE_B = NodeId("-".join(["B" * 7] * 8))
 """Fake node id of side "b"."""
 
 
+def varuint(n: int) -> bytes:
+    """lib0 varuint, written independently of the code under test (for hand-built frames and updates)."""
+    out = bytearray()
+    while True:
+        if n < 0x80:
+            out.append(n)
+            return bytes(out)
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+
+
 def _describe(predicate: Callable[[], bool]) -> str:
     try:
         return inspect.getsource(predicate).strip()

@@ -27,21 +27,11 @@ from ctxsync.codec import (
 )
 from ctxsync.errors import DecodeError, LocalProtocolError, RemoteProtocolError
 from ctxsync.types import MAX_DOC_ID_CHARS, PROTOCOL_VERSION, DocId
-from tests.helpers import NODE_A
+from tests.helpers import NODE_A, varuint
 
 D = DocId("notes")
 MIB = 1 << 20
 
-
-def varuint(n: int) -> bytes:
-    """lib0 varuint, written independently of the code under test."""
-    out = bytearray()
-    while True:
-        if n < 0x80:
-            out.append(n)
-            return bytes(out)
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
 
 
 def varbytes(b: bytes) -> bytes:

@@ -22,21 +22,12 @@ from ctxsync.yupdate import (
     check_update,
     decode_state_vector,
 )
+from tests.helpers import varuint
 
 MIB = 1 << 20
 
 
 # -- lib0 encoding, written independently of the code under test ------------------------------
-
-
-def varuint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        if n < 0x80:
-            out.append(n)
-            return bytes(out)
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
 
 
 def varstring(s: str | bytes) -> bytes:
