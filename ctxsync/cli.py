@@ -60,7 +60,8 @@ def _print_json(obj: Any) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     from ctxsync import config
     from ctxsync.crypto import generate_identity
-    from ctxsync.daemon import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE
+    from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, STORE_KEY_FILE, TOKEN_FILE
+    from ctxsync.seal import AeadCipher, create_key_file
 
     home = _home(args)
     if (home / config.CONFIG_FILE).exists() or (home / KEY_FILE).exists():
@@ -87,8 +88,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     config.write_atomic(home / config.CONFIG_FILE, config.dump_node(cfg), mode=0o600)
     from ctxsync.store import Store
 
+    cipher: AeadCipher | None = None
+    if not cfg.store.key_env and not cfg.store.key_file:
+        cipher = AeadCipher(create_key_file(home / STORE_KEY_FILE))
+
     async def create_store() -> None:
-        async with Store(home / STORE_FILE):
+        # With a key given elsewhere (key_file / key_env), the daemon seals the store at its first start.
+        async with Store(home / STORE_FILE, cipher=cipher):
             pass
 
     asyncio.run(create_store())
@@ -105,7 +111,7 @@ def _default_name() -> str:
 
 def _identity(home: Path) -> tuple[str, bytes]:
     from ctxsync.crypto import node_id_from_cert
-    from ctxsync.daemon import CERT_FILE
+    from ctxsync.home import CERT_FILE
 
     try:
         cert = (home / CERT_FILE).read_bytes()

@@ -57,6 +57,8 @@ __all__ = [
     "LOG_LEVELS",
     "LogConfig",
     "LogLevel",
+    "ApiConfig",
+    "DiscoveryConfig",
     "NodeConfig",
     "PEERS_FILE",
     "PeerConfig",
@@ -65,6 +67,7 @@ __all__ = [
     "dump_node",
     "dump_peers",
     "format_hostport",
+    "is_loopback",
     "load",
     "parse",
     "parse_hostport",
@@ -183,6 +186,25 @@ def parse_hostport(text: str, *, key: str = "", path: str | None = None) -> tupl
     if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
         fail(f"port {port_text!r} is not a number in 0..65535")
     return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """
+    Tell whether a listen host is on loopback only.
+
+    Args:
+        host: An IP address or host name, without brackets or port.
+
+    Returns:
+        ``True`` for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``; ``False`` for
+        everything else, wildcard addresses (``0.0.0.0``, ``::``) and other names included.
+    """
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -362,9 +384,60 @@ class StoreConfig:
 
     compact_threshold: int = 2000
     """Update log rows per context that trigger a compaction into a checkpoint (>= 10)."""
+    key_file: str = ""
+    """File holding the store key (URL-safe base64 of 32 bytes, mode 0600); empty means
+    ``store.key`` in the home. A relative path is relative to the home."""
+    key_env: str = ""
+    """Name of an environment variable holding the store key instead of a file; empty means none.
+    When set, the variable must be set and non-empty, or the daemon refuses to start."""
 
     def __post_init__(self) -> None:
         _check_number("store.compact_threshold", self.compact_threshold, minimum=MIN_COMPACT_THRESHOLD)
+        if not isinstance(self.key_file, str) or "\x00" in self.key_file:
+            _invalid("store.key_file", f"expected a path, got {self.key_file!r}")
+        if not isinstance(self.key_env, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)?", self.key_env):
+            _invalid("store.key_env", f"expected an environment variable name, got {self.key_env!r}")
+        if self.key_file and self.key_env:
+            _invalid("store.key_env", "give key_file or key_env, not both")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """
+    The ``[api]`` section: the local control API (its address is ``node.api``).
+
+    Raises:
+        ConfigError: On construction, if a value has the wrong type.
+
+    """
+
+    allow_remote: bool = False
+    """Allow ``node.api`` on a non-loopback address. Off by default: the API is for this
+    machine's users and tools; opening it to the LAN exposes every context to whoever
+    holds the token (sent in clear: the API has no TLS)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.allow_remote, bool):
+            _invalid("api.allow_remote", f"expected a boolean, got {self.allow_remote!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """
+    The ``[discovery]`` section: finding paired peers' addresses by mDNS/DNS-SD.
+
+    Raises:
+        ConfigError: On construction, if a value has the wrong type.
+
+    """
+
+    enabled: bool = True
+    """Announce this node (node id and sync port only) and look up paired peers on the LAN.
+    A peer's static ``addr`` in peers.toml always wins over a discovered one."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            _invalid("discovery.enabled", f"expected a boolean, got {self.enabled!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +483,10 @@ class NodeConfig:
     """The ``[store]`` section."""
     log: LogConfig = LogConfig()
     """The ``[log]`` section."""
+    api_settings: ApiConfig = ApiConfig()
+    """The ``[api]`` section."""
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    """The ``[discovery]`` section."""
     peers: tuple[PeerConfig, ...] = ()
     """The paired peers, from ``peers.toml``; never written to ``config.toml``."""
 
@@ -417,6 +494,12 @@ class NodeConfig:
         _check_name("node.name", self.name)
         _check_addr("node.listen", self.listen)
         _check_addr("node.api", self.api)
+        if not self.api_settings.allow_remote and not is_loopback(self.api[0]):
+            _invalid(
+                "node.api",
+                f"{self.api[0]} is not a loopback address; the API belongs on 127.0.0.1"
+                " (or set [api] allow_remote = true, knowing the token then crosses the network in clear)",
+            )
         if self.listen == self.api and self.listen[1] != 0:
             _invalid("node.api", f"must differ from node.listen, both are {format_hostport(*self.api)}")
         _check_unique_peers(self.peers)
@@ -534,6 +617,10 @@ class _Reader:
                 values[key] = self.integer(dotted, value)
             elif kind == "float":
                 values[key] = self.number(dotted, value)
+            elif kind == "bool":
+                values[key] = self.boolean(dotted, value)
+            elif kind == "str":
+                values[key] = self.string(dotted, value)
             elif kind == "LogLevel":
                 values[key] = self.log_level(dotted, value)
             else:  # pragma: no cover - a field type this reader does not know
@@ -549,7 +636,14 @@ class _Reader:
 
 
 _NODE_KEYS = ("name", "listen", "api")
-_SECTIONS: dict[str, type[Any]] = {"sync": SyncConfig, "store": StoreConfig, "log": LogConfig}
+_SECTIONS: dict[str, type[Any]] = {
+    "sync": SyncConfig,
+    "store": StoreConfig,
+    "log": LogConfig,
+    "api": ApiConfig,
+    "discovery": DiscoveryConfig,
+}
+_SECTION_FIELDS = {"sync": "sync", "store": "store", "log": "log", "api": "api_settings", "discovery": "discovery"}
 
 
 def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | None = None) -> NodeConfig:
@@ -602,12 +696,23 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
     sync = reader.build(SyncConfig, sections["sync"])
     store = reader.build(StoreConfig, sections["store"])
     log = reader.build(LogConfig, sections["log"])
+    api_settings = reader.build(ApiConfig, sections["api"])
+    discovery = reader.build(DiscoveryConfig, sections["discovery"])
     if listen == api and listen[1] != 0:
         # Checked here too so that the message can say where the values came from.
         moved = [variable for variable in (ENV_LISTEN, ENV_API) if variable in overrides]
         source = f" (after {' and '.join(moved)})" if moved else ""
         reader.fail("node.api", f"must differ from node.listen, both are {format_hostport(*api)}{source}")
-    values = {"name": name, "listen": listen, "api": api, "sync": sync, "store": store, "log": log}
+    values = {
+        "name": name,
+        "listen": listen,
+        "api": api,
+        "sync": sync,
+        "store": store,
+        "log": log,
+        "api_settings": api_settings,
+        "discovery": discovery,
+    }
     return cast(NodeConfig, reader.build(NodeConfig, values))
 
 
@@ -710,8 +815,8 @@ def dump_node(cfg: NodeConfig) -> str:
             "api": format_hostport(*cfg.api),
         },
     }
-    for section in _SECTIONS:
-        doc[section] = dataclasses.asdict(getattr(cfg, section))
+    for section, attr in _SECTION_FIELDS.items():
+        doc[section] = dataclasses.asdict(getattr(cfg, attr))
     return tomli_w.dumps(doc)
 
 

@@ -23,6 +23,7 @@ from ctxsync import __version__, config, transport
 from ctxsync.api import Api
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
+from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, check_permissions, open_store_key
 from ctxsync.log import configure_logging
 from ctxsync.mesh import Mesh
 from ctxsync.metrics import ProcessSampler, log_stats
@@ -31,10 +32,8 @@ from ctxsync.types import NodeId
 
 log = structlog.get_logger("ctxsync.daemon")
 
-KEY_FILE = "node.key"
-CERT_FILE = "node.crt"
-TOKEN_FILE = "api.token"
-STORE_FILE = "store.db"
+__all__ = ["CERT_FILE", "KEY_FILE", "STORE_FILE", "TOKEN_FILE", "Daemon", "run"]
+
 PEERS_POLL_S = 2.0
 
 
@@ -135,7 +134,14 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop, sig.name)
-        async with Store(self.home / STORE_FILE, compact_threshold=cfg.store.compact_threshold) as store:
+        check_permissions(self.home, cfg)
+        store_path = self.home / STORE_FILE
+        cipher, created = open_store_key(self.home, cfg, self.env, store_cipher=Store.sealed_with(store_path))
+        if created:
+            log.warning("store.key_created", reason="no store key yet: made one; back it up with the store")
+        async with Store(store_path, compact_threshold=cfg.store.compact_threshold, cipher=cipher) as store:
+            if store.resealed:
+                log.warning("store.resealed", blobs=store.resealed, cipher=cipher.name)
             self.store = store
             mesh = self.mesh = Mesh(
                 node_id=self.node_id,

@@ -13,7 +13,14 @@ Rule 2: a file that is not a valid ctxsync store is refused (:class:`StoreCorrup
 The schema is ``sql/schema/*.sql`` (version 1) plus ``sql/migrations/NN-*.sql``, applied under
 ``PRAGMA user_version`` (see ``sql/migrations/README.md``).
 
-This module imports only the standard library, pycrdt and the ctxsync leaves (errors, types).
+Rule 3: every blob is sealed by the store's :class:`~ctxsync.seal.Cipher` (bound to its
+context's doc id) before it is written. The cipher's name and a sealed check value are kept in
+``meta``: a store is never opened with the wrong key, and a store sealed with the keyless
+CRC-32 framing (written before encryption at rest) is re-sealed, then vacuumed, the first time
+it is opened with a key.
+
+This module imports only the standard library, pycrdt and the ctxsync leaves (errors, types)
+and ``seal`` (pure).
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import re
 import sqlite3
 import threading
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -36,13 +42,18 @@ from typing import Any, Literal, TypeAlias, TypeVar, cast
 import pycrdt
 
 from ctxsync.errors import InvalidState, SchemaVersionError, StoreCorrupt, StoreError
+from ctxsync.seal import ChecksumCipher, Cipher
 from ctxsync.types import DocId
 
-__all__ = ["Migration", "Sealer", "Store", "StoreStats", "StoredContext", "migrate", "schema_version"]
+__all__ = ["Migration", "Store", "StoreKeyError", "StoreStats", "StoredContext", "migrate", "schema_version"]
 
-Sealer: TypeAlias = Callable[[bytes, bytes], bytes]
-"""``(blob, aad) -> blob``: seal or unseal one blob; ``aad`` is the context's doc id in UTF-8.
-Called on the worker thread only. Raising from unseal makes the store unreadable (StoreCorrupt)."""
+
+class StoreKeyError(StoreError):
+    """The store was sealed with another key or cipher than the one given; it is left untouched."""
+
+
+_CHECK_PLAINTEXT = b"ctxsync store key check v1"
+_CHECK_AAD = b"meta"
 
 APPLICATION_ID = 0x63747873
 """``PRAGMA application_id`` of every ctxsync store ("ctxs"), set by the v1 schema."""
@@ -267,27 +278,6 @@ COMPACT_RATIO_FROM_BYTES = 1 << 20
 """Checkpoint size (bytes) from which :data:`COMPACT_RATIO` applies; smaller ones compact by row count alone."""
 
 
-def checksum_seal(blob: bytes, aad: bytes) -> bytes:
-    """
-    Frame a blob with a CRC-32 of ``aad + blob``: ``crc32 (4 bytes, big endian) + blob``.
-
-    The default :data:`Sealer` when no encryption key is configured: it gives integrity, not
-    secrecy, so a damaged page inside a stored update is reported (StoreCorrupt) instead of
-    silently dropping entries. An AEAD sealer replaces it and gives both.
-    """
-    return zlib.crc32(blob, zlib.crc32(aad)).to_bytes(4, "big") + blob
-
-
-def checksum_unseal(blob: bytes, aad: bytes) -> bytes:
-    """Inverse of :func:`checksum_seal`. Raises ValueError if the checksum does not match."""
-    if len(blob) < 4:
-        raise ValueError("blob shorter than its checksum")
-    data = blob[4:]
-    if zlib.crc32(data, zlib.crc32(aad)).to_bytes(4, "big") != blob[:4]:
-        raise ValueError("checksum mismatch: the stored bytes are damaged")
-    return data
-
-
 class Store:
     """
     The SQLite store of one node, opened with ``async with Store(path) as store:``.
@@ -299,10 +289,10 @@ class Store:
         path: Database file; created if missing. Its directory must exist.
         compact_threshold: Log rows a context may have since its checkpoint before the worker
             compacts it, after the next commit that touches it.
-        seal: Applied to every blob before it is written, as ``seal(blob, aad=doc_id in UTF-8)``.
-            :func:`checksum_seal` (CRC-32 framing, integrity only) by default. Called on the
-            worker thread.
-        unseal: Inverse of ``seal``, applied to every blob read back.
+        cipher: Seals every blob before it is written (``aad`` = doc id in UTF-8) and unseals
+            it when read; called on the worker thread. :class:`~ctxsync.seal.ChecksumCipher`
+            (CRC-32 framing: integrity only, no secrecy) by default; the daemon passes an
+            :class:`~ctxsync.seal.AeadCipher` with the node's store key.
     """
 
     def __init__(
@@ -310,8 +300,7 @@ class Store:
         path: str | Path,
         *,
         compact_threshold: int = 2000,
-        seal: Sealer | None = None,
-        unseal: Sealer | None = None,
+        cipher: Cipher | None = None,
     ) -> None:
         if compact_threshold < 1:
             raise ValueError("compact_threshold must be at least 1")
@@ -319,8 +308,12 @@ class Store:
         """The database file."""
         self.compact_threshold = compact_threshold
         """Log rows per context that trigger a compaction."""
-        self._seal = seal or checksum_seal
-        self._unseal = unseal or checksum_unseal
+        self.cipher: Cipher = cipher or ChecksumCipher()
+        """The cipher sealing this store's blobs."""
+        self._seal = self.cipher.seal
+        self._unseal = self.cipher.unseal
+        self.resealed = 0
+        """Blobs re-sealed when this store was opened (moved off CRC-32 framing to the cipher)."""
         self._state = "new"  # new -> opening -> open -> closing -> closed
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -346,6 +339,35 @@ class Store:
         """
         if _inspect(Path(path)) == 0:
             raise StoreError(f"{path}: no ctxsync store here")
+
+    @classmethod
+    def sealed_with(cls, path: str | Path) -> str | None:
+        """
+        Tell, without writing to it, which cipher the store at ``path`` is sealed with.
+
+        Synchronous (a quick read-only look, for startup).
+
+        Returns:
+            The cipher's name (``meta.cipher``), ``"crc32"`` for a store written before
+            encryption at rest, or ``None`` if there is no store at ``path`` yet.
+
+        Raises:
+            StoreCorrupt, SchemaVersionError, StoreError: As :meth:`check`.
+        """
+        path = Path(path)
+        if _inspect(path) == 0:
+            return None
+        wal = path.with_name(path.name + "-wal").exists()
+        query = "mode=ro" if wal else "mode=ro&immutable=1"
+        try:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_S)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'cipher'").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise _translate(exc, path, "cannot read the store") from exc
+        return str(row[0]) if row else ChecksumCipher.name
 
     # -- lifecycle (event loop thread) ---------------------------------------------------------
 
@@ -548,6 +570,12 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         _inspect(self.path)
+        try:  # a new store is private from its first byte (SQLite gives -wal/-shm the same mode)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the store: {exc.strerror}") from exc
         schema, migrations = _scripts()
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         try:
@@ -561,6 +589,7 @@ class Store:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             migrate(conn, schema, migrations)
+            self._check_cipher(conn)
             self._log_rows, self._log_bytes = {}, {}
             for doc_id, rows, size in conn.execute(
                 "SELECT doc_id, COUNT(*), SUM(LENGTH(data)) FROM updates GROUP BY doc_id"
@@ -571,6 +600,70 @@ class Store:
             conn.close()
             raise
         return conn
+
+    def _check_cipher(self, conn: sqlite3.Connection) -> None:
+        """
+        Make sure this store's blobs open with :attr:`cipher`, re-sealing CRC-32 ones.
+
+        ``meta.cipher`` names the cipher of every blob and ``meta.cipher_check`` holds a known
+        value sealed with it (hex). A store without them was written before encryption at
+        rest, with CRC-32 framing.
+
+        Raises:
+            StoreKeyError: The store is sealed with another cipher or key (nothing is written).
+        """
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('cipher', 'cipher_check')").fetchall())
+        stored = meta.get("cipher", ChecksumCipher.name)
+        if stored == self.cipher.name and "cipher_check" in meta:
+            try:
+                ok = self._unseal(bytes.fromhex(meta["cipher_check"]), _CHECK_AAD) == _CHECK_PLAINTEXT
+            except ValueError:
+                ok = False
+            if not ok:
+                raise StoreKeyError(
+                    f"{self.path}: the store key does not open this store (sealed with another key);"
+                    " give the key it was created with ([store] key_file or key_env), the store is left untouched"
+                )
+            return
+        if stored not in (self.cipher.name, ChecksumCipher.name):
+            raise StoreKeyError(
+                f"{self.path}: the store is sealed with {stored} but no key for it was given"
+                " (is store.key missing? see [store] key_file / key_env); the store is left untouched"
+            )
+        check = self._seal(_CHECK_PLAINTEXT, _CHECK_AAD).hex()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if stored != self.cipher.name:
+                self._reseal(conn, ChecksumCipher())
+            conn.executemany(_SET_META, [("cipher", self.cipher.name), ("cipher_check", check)])
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+        if self.resealed:
+            # The old blobs are gone from the tables, not yet from free pages and the WAL.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _reseal(self, conn: sqlite3.Connection, old: Cipher) -> None:
+        """Unseal every blob with ``old`` and seal it with :attr:`cipher`, inside the caller's transaction."""
+
+        def convert(blob: bytes, doc_id: str, what: str) -> bytes:
+            try:
+                plain = old.unseal(blob, doc_id.encode())
+            except ValueError as exc:
+                raise StoreCorrupt(f"{self.path}: cannot unseal {what} of context {doc_id!r}: {exc}") from exc
+            self.resealed += 1
+            return self._seal(plain, doc_id.encode())
+
+        for seq, doc_id, data in conn.execute("SELECT seq, doc_id, data FROM updates").fetchall():
+            conn.execute("UPDATE updates SET data = ? WHERE seq = ?", (convert(data, doc_id, f"update {seq}"), seq))
+        for doc_id, data, sv in conn.execute("SELECT doc_id, data, state_vector FROM checkpoints").fetchall():
+            conn.execute(
+                "UPDATE checkpoints SET data = ?, state_vector = ? WHERE doc_id = ?",
+                (convert(data, doc_id, "the checkpoint"), convert(sv, doc_id, "the state vector"), doc_id),
+            )
 
     def _handle(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Op | None:
         """Commit the batch's writes, answer its calls, then compact what grew too long."""

@@ -14,6 +14,8 @@ from ctxsync import config
 from ctxsync.config import (
     CONFIG_FILE,
     PEERS_FILE,
+    ApiConfig,
+    DiscoveryConfig,
     LogConfig,
     NodeConfig,
     PeerConfig,
@@ -73,7 +75,9 @@ def test_defaults() -> None:
         reconnect_min_s=0.5,
         reconnect_max_s=30.0,
     )
-    assert cfg.store == StoreConfig(compact_threshold=2000)
+    assert cfg.store == StoreConfig(compact_threshold=2000, key_file="", key_env="")
+    assert cfg.api_settings == ApiConfig(allow_remote=False)
+    assert cfg.discovery == DiscoveryConfig(enabled=True)
     assert cfg.log == LogConfig(level="info", stats_interval_s=10.0)
     assert cfg.peers == ()
 
@@ -111,8 +115,10 @@ NON_DEFAULT = NodeConfig(
         reconnect_min_s=0.1,
         reconnect_max_s=0.1,
     ),
-    store=StoreConfig(compact_threshold=10),
+    store=StoreConfig(compact_threshold=10, key_env="MY_STORE_KEY"),
     log=LogConfig(level="debug", stats_interval_s=0.001),
+    api_settings=ApiConfig(allow_remote=True),
+    discovery=DiscoveryConfig(enabled=False),
 )
 
 
@@ -126,10 +132,10 @@ def test_round_trip_every_key() -> None:
     """Writes every key of every section, each of which reads back unchanged."""
     text = dump_node(NON_DEFAULT)
     doc = tomllib.loads(text)
-    assert set(doc) == {"node", "sync", "store", "log"}
+    assert set(doc) == {"node", "sync", "store", "log", "api", "discovery"}
     assert set(doc["node"]) == {"name", "listen", "api"}
-    for section in ("sync", "store", "log"):
-        value = getattr(NON_DEFAULT, section)
+    for section, attr in (("sync", "sync"), ("store", "store"), ("log", "log"), ("api", "api_settings"), ("discovery", "discovery")):
+        value = getattr(NON_DEFAULT, attr)
         assert set(doc[section]) == {f.name for f in dataclasses.fields(value)}
         assert doc[section] == dataclasses.asdict(value)
     assert doc["node"]["api"] == "[::1]:47999"
@@ -679,3 +685,44 @@ def test_module_has_no_io_layer_imports() -> None:
     for name in ("asyncio", "websockets", "sqlite3", "psutil", "structlog"):
         assert f"import {name}" not in source
         assert f"from {name}" not in source
+
+
+# -- security settings ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "example.com", "::"])
+def test_api_off_loopback_refused_unless_allowed(host: str) -> None:
+    """Refuses a non-loopback API address unless [api] allow_remote is set."""
+    api = f"[{host}]:47201" if ":" in host else f"{host}:47201"
+    text = MINIMAL.replace('api = "127.0.0.1:47201"', f'api = "{api}"')
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        parse(text)
+    assert parse(text + "\n[api]\nallow_remote = true\n").api[0] == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost"])
+def test_api_on_loopback_accepted(host: str) -> None:
+    """Accepts every loopback form for the API."""
+    api = f"[{host}]:47201" if ":" in host else f"{host}:47201"
+    assert parse(MINIMAL.replace('api = "127.0.0.1:47201"', f'api = "{api}"')).api[0] == host
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ('key_env = "1BAD"', "environment variable name"),
+        ('key_env = "A"\nkey_file = "k"', "not both"),
+        ("key_file = 3", "expected a string"),
+    ],
+)
+def test_store_key_settings_checked(body: str, match: str) -> None:
+    """Refuses a malformed key source."""
+    with pytest.raises(ConfigError, match=match):
+        parse(with_section("store", body))
+
+
+def test_discovery_can_be_turned_off() -> None:
+    """Reads [discovery] enabled."""
+    assert parse(with_section("discovery", "enabled = false")).discovery.enabled is False
+    with pytest.raises(ConfigError, match="discovery.enabled"):
+        parse(with_section("discovery", 'enabled = "no"'))

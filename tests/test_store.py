@@ -18,7 +18,8 @@ from pycrdt import Doc, Map, Text, TransactionEvent
 
 from ctxsync import store as store_module
 from ctxsync.errors import InvalidState, SchemaVersionError, StoreCorrupt, StoreError
-from ctxsync.store import Migration, Store, checksum_unseal, migrate, schema_version
+from ctxsync.seal import AeadCipher, ChecksumCipher
+from ctxsync.store import Migration, Store, StoreKeyError, migrate, schema_version
 from ctxsync.types import DocId
 
 CTX = DocId("notes")
@@ -175,25 +176,27 @@ async def test_compaction_bounds_log_and_preserves_document(tmp_path: Path) -> N
     assert_same(rebuild([checkpoint]), writer)
     with sqlite3.connect(path) as conn:
         row = conn.execute("SELECT state_vector, version, upto_seq FROM checkpoints").fetchone()
-    # Blobs are framed with a CRC-32 by default (checksum_seal).
-    assert (checksum_unseal(row[0], CTX.encode()), row[1], row[2]) == (replay.get_state(), 500, 500)
+    # Blobs are framed with a CRC-32 by default (ChecksumCipher).
+    assert (ChecksumCipher().unseal(row[0], CTX.encode()), row[1], row[2]) == (replay.get_state(), 500, 500)
 
 
-def toy_seal(blob: bytes, aad: bytes) -> bytes:
-    return bytes(b ^ 0x5A for b in blob) + hashlib.sha256(aad + blob).digest()[:8]
+class ToyCipher:
+    name = "toy"
 
+    def seal(self, blob: bytes, aad: bytes) -> bytes:
+        return bytes(b ^ 0x5A for b in blob) + hashlib.sha256(aad + blob).digest()[:8]
 
-def toy_unseal(blob: bytes, aad: bytes) -> bytes:
-    plain = bytes(b ^ 0x5A for b in blob[:-8])
-    if hashlib.sha256(aad + plain).digest()[:8] != blob[-8:]:
-        raise ValueError("bad tag")
-    return plain
+    def unseal(self, blob: bytes, aad: bytes) -> bytes:
+        plain = bytes(b ^ 0x5A for b in blob[:-8])
+        if hashlib.sha256(aad + plain).digest()[:8] != blob[-8:]:
+            raise ValueError("bad tag")
+        return plain
 
 
 async def test_seal_wraps_every_blob(tmp_path: Path) -> None:
     """Seals updates and checkpoints on disk and unseals them on load."""
     path, writer = tmp_path / "store.db", Writer()
-    async with Store(path, compact_threshold=10, seal=toy_seal, unseal=toy_unseal) as store:
+    async with Store(path, compact_threshold=10, cipher=ToyCipher()) as store:
         for version in range(1, 26):
             await store.append(CTX, version, writer.set(f"k{version}", "secret"))
         (loaded,) = await store.load_all()
@@ -210,10 +213,13 @@ async def test_unreadable_log_is_kept(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     await make_store(path, updates=20, size=10)
 
-    def wrong_key(blob: bytes, aad: bytes) -> bytes:
-        raise ValueError("bad tag")
+    class DamagedBlobs(ChecksumCipher):
+        def unseal(self, blob: bytes, aad: bytes) -> bytes:
+            if aad == b"meta":  # the key check still opens: only the data blobs are bad
+                return super().unseal(blob, aad)
+            raise ValueError("bad tag")
 
-    async with Store(path, unseal=wrong_key) as store:
+    async with Store(path, cipher=DamagedBlobs()) as store:
         with pytest.raises(StoreCorrupt, match="cannot unseal"):
             await store.load_all()
         assert await store.compact(CTX) is False
@@ -421,3 +427,74 @@ async def test_damaged_blob_is_reported_not_dropped(tmp_path: Path) -> None:
     async with Store(path) as store:
         with pytest.raises(StoreCorrupt, match="checksum"):
             await store.load_all()
+
+
+# -- encryption at rest ------------------------------------------------------------------
+
+SECRET = "correct horse battery staple 7f3a"
+KEY_A, KEY_B = bytes(range(32)), bytes(range(1, 33))
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of the store (database, WAL, shared memory, journal) that exists, by name."""
+    return {p.name: p.read_bytes() for p in path.parent.glob(path.name + "*")}
+
+
+async def write_secrets(path: Path, cipher: object, *, n: int = 30, compact_threshold: int = 10) -> Writer:
+    writer = Writer()
+    async with Store(path, compact_threshold=compact_threshold, cipher=cipher) as store:  # type: ignore[arg-type]
+        for version in range(1, n + 1):
+            await store.append(CTX, version, writer.set(f"k{version}", f"{SECRET} #{version}"))
+    return writer
+
+
+async def test_aead_store_holds_no_plaintext(tmp_path: Path) -> None:
+    """With a key, no file of the store holds a written value, while it is open or after."""
+    path = tmp_path / "store.db"
+    writer = Writer()
+    async with Store(path, compact_threshold=10, cipher=AeadCipher(KEY_A)) as store:
+        for version in range(1, 31):
+            await store.append(CTX, version, writer.set(f"k{version}", f"{SECRET} #{version}"))
+        files_open = store_files(path)
+    files_closed = store_files(path)
+    assert "store.db-wal" in files_open  # the WAL was looked at, not just the main file
+    for name, data in {**files_open, **{k + " (closed)": v for k, v in files_closed.items()}}.items():
+        assert SECRET.encode() not in data, name
+        assert b"correct horse" not in data, name
+    async with Store(path, cipher=AeadCipher(KEY_A)) as store:
+        (loaded,) = await store.load_all()
+    assert_same(rebuild(loaded.updates), writer)
+
+
+async def test_wrong_key_is_refused_and_store_untouched(tmp_path: Path) -> None:
+    """Another key, or no key at all, is refused before anything is written."""
+    path = tmp_path / "store.db"
+    await write_secrets(path, AeadCipher(KEY_A))
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(StoreKeyError, match="does not open this store"):
+        async with Store(path, cipher=AeadCipher(KEY_B)):
+            pass
+    with pytest.raises(StoreKeyError, match="no key for it was given"):
+        async with Store(path):
+            pass
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    async with Store(path, cipher=AeadCipher(KEY_A)) as store:
+        (loaded,) = await store.load_all()
+    assert len(rebuild(loaded.updates).get("entries", type=Map)) == 30
+
+
+async def test_plaintext_store_is_resealed_with_a_key(tmp_path: Path) -> None:
+    """A store written before encryption at rest is re-sealed and vacuumed on its first keyed open."""
+    path = tmp_path / "store.db"
+    writer = await write_secrets(path, ChecksumCipher(), n=25, compact_threshold=10)
+    assert any(SECRET.encode() in data for data in store_files(path).values())  # the premise
+    async with Store(path, cipher=AeadCipher(KEY_A)) as store:
+        resealed = store.resealed
+        (loaded,) = await store.load_all()
+    assert resealed >= 3  # a checkpoint, its state vector and the log rows after it
+    assert_same(rebuild(loaded.updates), writer)
+    for name, data in store_files(path).items():
+        assert SECRET.encode() not in data, name
+    with pytest.raises(StoreKeyError):
+        async with Store(path):  # no going back to plaintext by accident
+            pass
