@@ -80,6 +80,11 @@ class Api:
         token: The shared secret clients must present.
         status: Returns the full status object (the daemon adds process figures to the mesh's).
         reload_peers: Re-reads peers.toml and applies it; returns the new peer count.
+        stop: Asks the daemon to shut down.
+        invite: Opens a pairing invite (``ctxsync invite``): ``invite(contexts, read_only,
+            ttl_s, addr)`` returns ``{"token", "expires_at", "node_id", "addr"}``.
+        allowed_hosts: Host header names accepted besides loopback ones (the API's own
+            address when ``[api] allow_remote`` puts it on the LAN).
     """
 
     def __init__(
@@ -90,12 +95,16 @@ class Api:
         status: Callable[[], dict[str, Any]],
         reload_peers: Callable[[], Awaitable[int]],
         stop: Callable[[], None],
+        invite: Callable[[list[str], bool, float, str | None], Awaitable[dict[str, Any]]] | None = None,
+        allowed_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.mesh = mesh
         self.token = token
         self.status = status
         self.reload_peers = reload_peers
         self.stop = stop
+        self.invite = invite
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
 
     async def listen(self, host: str, port: int) -> Server:
         """Start listening on ``host:port``. Raises OSError if the address is taken."""
@@ -113,7 +122,9 @@ class Api:
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
         auths = request.headers.get_all("Authorization")
         auth = auths[0] if len(auths) == 1 else ""
-        foreign = [h for h in request.headers.get_all("Host") if not _is_loopback_host(h)]
+        foreign = [
+            h for h in request.headers.get_all("Host") if not _is_loopback_host(h) and _host_name(h) not in self.allowed_hosts
+        ]
         if foreign:
             log.warning("api.denied", reason="foreign host header", host=foreign[0][:200])
             return conn.respond(HTTPStatus.FORBIDDEN, "foreign Host header refused\n")
@@ -239,6 +250,23 @@ class Api:
     async def _op_reload_peers(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
         return self._ok(req_id, {"peers": await self.reload_peers()})
 
+    async def _op_invite(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        if self.invite is None:
+            raise _BadRequest("this daemon does not serve invites")
+        contexts = req.get("contexts", ["*"])
+        if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) and c for c in contexts):
+            raise _BadRequest("contexts must be a non-empty list of context names")
+        read_only = req.get("read_only", False)
+        ttl_s = req.get("ttl_s", 300)
+        addr = req.get("addr")
+        if not isinstance(read_only, bool):
+            raise _BadRequest("read_only must be a boolean")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 1 <= ttl_s <= 86_400:
+            raise _BadRequest("ttl_s must be a number of seconds from 1 to 86400")
+        if addr is not None and (not isinstance(addr, str) or not addr):
+            raise _BadRequest("addr must be a host name or address")
+        return self._ok(req_id, await self.invite(contexts, read_only, float(ttl_s), addr))
+
     async def _op_stop(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
         self.stop()
         return self._ok(req_id, {"stopping": True})
@@ -252,15 +280,19 @@ def _error_json(req_id: Any, code: str, message: str) -> str:
     return json.dumps({"id": req_id, "ok": False, "error": {"code": code, "message": message}}, separators=(",", ":"))
 
 
-def _is_loopback_host(host: str) -> bool:
-    """Tell whether a Host header (``name``, ``name:port``, ``[v6]:port``) names this machine's loopback."""
+def _host_name(host: str) -> str:
+    """The name of a Host header (``name``, ``name:port``, ``[v6]:port``), lower case, without port."""
     host = host.strip().lower()
     if host.startswith("["):
-        name = host[1 : host.find("]")] if "]" in host else host[1:]
-    elif host.count(":") == 1:
-        name = host.split(":", 1)[0]
-    else:
-        name = host
+        return host[1 : host.find("]")] if "]" in host else host[1:]
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Tell whether a Host header (``name``, ``name:port``, ``[v6]:port``) names this machine's loopback."""
+    name = _host_name(host)
     if name == "localhost":
         return True
     try:

@@ -125,31 +125,23 @@ def cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _own_card(home: Path, addr: str | None = None) -> str:
+    """This node's one-line peer card; ``addr`` (HOST:PORT) overrides the address peers dial."""
     from ctxsync import config
     from ctxsync.crypto import PeerCard, encode_peer_card
+    from ctxsync.home import advertised_host
 
-    home = _home(args)
     node_id, cert = _identity(home)
     cfg = config.load(home, os.environ)
-    addr: str | None = args.addr
     if addr is None:
-        host: str | None = cfg.listen[0]
-        if host in ("0.0.0.0", "::", ""):
-            host = _lan_address()
+        host = advertised_host(cfg.listen[0])
         addr = config.format_hostport(host, cfg.listen[1]) if host else None
-    print(encode_peer_card(PeerCard(node_id=NodeId(node_id), name=cfg.name, addr=addr, cert_pem=cert)))
+    return encode_peer_card(PeerCard(node_id=NodeId(node_id), name=cfg.name, addr=addr, cert_pem=cert))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    print(_own_card(_home(args), args.addr))
     return 0
-
-
-def _lan_address() -> str | None:
-    import socket
-
-    try:
-        addr = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return None
-    return addr
 
 
 def _notify_daemon(home: Path) -> str:
@@ -207,6 +199,7 @@ def cmd_peer_list(args: argparse.Namespace) -> int:
             "addr": config.format_hostport(*p.addr) if p.addr else None,
             "contexts": list(p.contexts),
             "read_only": p.read_only,
+            "read_only_contexts": list(p.read_only_contexts),
         }
         for p in cfg.peers
     ]
@@ -220,24 +213,128 @@ def cmd_peer_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _find_peer(peers: Sequence[Any], text: str) -> Any:
+    """The one paired peer named by a node id or a peer name."""
+    from ctxsync.crypto import parse_node_id
+
+    try:
+        target = parse_node_id(text)
+        match = [p for p in peers if p.node_id == target]
+    except CtxSyncError:
+        match = [p for p in peers if p.name == text]
+    if not match:
+        raise _Fail(f"no paired peer {text!r} (see `ctxsync peer list`)")
+    if len(match) > 1:
+        raise _Fail(f"{text!r} names several peers: give the node id")
+    return match[0]
+
+
+def _replace_peer(home: Path, peers: Sequence[Any], new: Any) -> str:
+    """Write peers.toml with ``new`` in place of the peer of the same node id; tell the daemon."""
+    from ctxsync import config
+
+    updated = [new if p.node_id == new.node_id else p for p in peers]
+    config.write_atomic(home / config.PEERS_FILE, config.dump_peers(updated), mode=0o600)
+    return _notify_daemon(home)
+
+
 def cmd_peer_remove(args: argparse.Namespace) -> int:
     from ctxsync import config
-    from ctxsync.crypto import parse_node_id
 
     home = _home(args)
     cfg = config.load(home, os.environ)
-    try:
-        target = parse_node_id(args.node_id)
-        match = [p for p in cfg.peers if p.node_id == target]
-    except CtxSyncError:
-        match = [p for p in cfg.peers if p.name == args.node_id]
-    if not match:
-        raise _Fail(f"no paired peer {args.node_id!r} (see `ctxsync peer list`)")
-    if len(match) > 1:
-        raise _Fail(f"{args.node_id!r} names several peers: give the node id")
-    peers = [p for p in cfg.peers if p.node_id != match[0].node_id]
+    gone = _find_peer(cfg.peers, args.node_id)
+    peers = [p for p in cfg.peers if p.node_id != gone.node_id]
     config.write_atomic(home / config.PEERS_FILE, config.dump_peers(peers), mode=0o600)
-    print(f"peer removed: {match[0].name} {match[0].node_id}{_notify_daemon(home)}", file=sys.stderr)
+    print(f"peer removed: {gone.name} {gone.node_id}{_notify_daemon(home)}", file=sys.stderr)
+    return 0
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ctxsync import config
+
+    home = _home(args)
+    cfg = config.load(home, os.environ)
+    peer = _find_peer(cfg.peers, args.node_id)
+    ctx = args.context
+    contexts = peer.contexts if peer.shares(ctx) else (*peer.contexts, ctx)
+    read_only = tuple(c for c in peer.read_only_contexts if c != ctx) + ((ctx,) if args.read_only else ())
+    new = dataclasses.replace(peer, contexts=contexts, read_only_contexts=read_only)
+    if new == peer:
+        print(f"{ctx!r} was already shared with {peer.name}{' read-only' if args.read_only else ''}", file=sys.stderr)
+        return 0
+    mode = "read-only" if args.read_only or peer.read_only else "read-write"
+    print(f"shared {ctx!r} with {peer.name} {peer.node_id} ({mode}){_replace_peer(home, cfg.peers, new)}", file=sys.stderr)
+    return 0
+
+
+def cmd_unshare(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ctxsync import config
+
+    home = _home(args)
+    cfg = config.load(home, os.environ)
+    peer = _find_peer(cfg.peers, args.node_id)
+    ctx = args.context
+    if "*" in peer.contexts:
+        raise _Fail(
+            f"{peer.name} shares every context ('*'): list the ones to share instead, e.g."
+            f" `ctxsync peer add CARD --contexts A,B` with its card, or edit peers.toml"
+        )
+    if ctx not in peer.contexts:
+        raise _Fail(f"{ctx!r} is not shared with {peer.name} (shared: {', '.join(peer.contexts) or 'none'})")
+    new = dataclasses.replace(
+        peer,
+        contexts=tuple(c for c in peer.contexts if c != ctx),
+        read_only_contexts=tuple(c for c in peer.read_only_contexts if c != ctx),
+    )
+    print(f"unshared {ctx!r} from {peer.name} {peer.node_id}{_replace_peer(home, cfg.peers, new)}", file=sys.stderr)
+    return 0
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    contexts = [c.strip() for c in args.contexts.split(",") if c.strip()] if args.contexts else ["*"]
+    result = _with_client(
+        args, lambda c: c.invite(contexts=contexts, read_only=args.read_only, ttl_s=args.ttl_s, addr=args.addr)
+    )
+    print(result["token"])
+    shared = "every context" if contexts == ["*"] else ", ".join(contexts)
+    print(
+        f"invite for {shared}{' (read-only)' if args.read_only else ''}, single use, expires {result['expires_at']}."
+        f" On the other node run: ctxsync join TOKEN",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from ctxsync import config
+    from ctxsync.pairing import decode_token, join
+
+    home = _home(args)
+    token = decode_token(args.token)
+    own_id, _ = _identity(home)
+    if token.node_id == own_id:
+        raise _Fail("this invite was made by this node: run `ctxsync join` on the other node")
+    result = asyncio.run(join(token, _own_card(home, args.addr)))
+    card = result.card
+    cfg = config.load(home, os.environ)
+    addr = config.parse_hostport(card.addr, key="card.addr") if card.addr else None
+    peer = config.PeerConfig(
+        node_id=card.node_id,
+        name=card.name,
+        cert_pem=card.cert_pem.decode("ascii"),
+        addr=addr,
+        contexts=result.contexts,
+    )
+    peers = [p for p in cfg.peers if p.node_id != peer.node_id] + [peer]
+    config.write_atomic(home / config.PEERS_FILE, config.dump_peers(peers), mode=0o600)
+    shared = "every context" if "*" in result.contexts else ", ".join(result.contexts)
+    note = " (it accepts no updates from this node)" if result.read_only else ""
+    print(f"paired with {card.name} {card.node_id}, sharing {shared}{note}{_notify_daemon(home)}", file=sys.stderr)
     return 0
 
 
@@ -365,6 +462,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp = psub.add_parser("remove", help="unpair a peer (by node id or name)", parents=[common])
     sp.set_defaults(fn=cmd_peer_remove)
+    sp.add_argument("node_id", metavar="NODE_ID")
+
+    sp = add("invite", cmd_invite, "print a one-time token that pairs the node running `ctxsync join TOKEN`")
+    sp.add_argument("--contexts", metavar="A,B", help="contexts to share with the joiner ('*' = all, the default)")
+    sp.add_argument("--read-only", action="store_true", help="accept no updates from the joiner")
+    sp.add_argument("--ttl-s", type=float, default=300.0, metavar="SECONDS", help="lifetime of the invite (default 300)")
+    sp.add_argument("--addr", metavar="HOST", help="address the joiner dials (default: this node's LAN address)")
+    sp = add("join", cmd_join, "pair with the node that printed TOKEN (`ctxsync invite`)")
+    sp.add_argument("token", metavar="TOKEN")
+    sp.add_argument("--addr", metavar="HOST:PORT", help="address the inviter should dial back (default: the listen address)")
+    sp = add("share", cmd_share, "share CONTEXT with a paired peer (by node id or name)")
+    sp.add_argument("context")
+    sp.add_argument("node_id", metavar="NODE_ID")
+    sp.add_argument("--read-only", action="store_true", help="the peer may read CONTEXT but its updates are refused")
+    sp = add("unshare", cmd_unshare, "stop sharing CONTEXT with a paired peer")
+    sp.add_argument("context")
     sp.add_argument("node_id", metavar="NODE_ID")
 
     add("run", cmd_run, "run the daemon in the foreground (JSON log lines on stdout)")

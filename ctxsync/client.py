@@ -196,6 +196,26 @@ class Client:
         """Return the daemon's status object (see docs/operations.md)."""
         return dict(await self.request("status"))
 
+    async def invite(
+        self, *, contexts: list[str] | None = None, read_only: bool = False, ttl_s: float = 300.0, addr: str | None = None
+    ) -> dict[str, Any]:
+        """
+        Open a pairing invite on the daemon (``ctxsync invite``).
+
+        Args:
+            contexts: Contexts the joiner will share (``None`` or ``["*"]``: all).
+            read_only: Refuse the joiner's updates.
+            ttl_s: Lifetime of the invite, in seconds (1..86400).
+            addr: Host the joiner should dial (default: the sync listener's address).
+
+        Returns:
+            ``{"token": str, "expires_at": ISO 8601 UTC, "node_id": str, "addr": "HOST:PORT"}``.
+        """
+        req: dict[str, Any] = {"contexts": contexts or ["*"], "read_only": read_only, "ttl_s": ttl_s}
+        if addr is not None:
+            req["addr"] = addr
+        return dict(await self.request("invite", **req))
+
     async def reload_peers(self) -> int:
         """Ask the daemon to re-read peers.toml; return its peer count."""
         return int((await self.request("reload_peers"))["peers"])

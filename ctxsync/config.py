@@ -288,6 +288,8 @@ class PeerConfig:
     """Names of the contexts shared with this peer; ``"*"`` shares all of them."""
     read_only: bool = False
     """If true, the peer may read the shared contexts but its updates are not applied here."""
+    read_only_contexts: tuple[str, ...] = ()
+    """Shared contexts the peer may read but not write (its updates to them are refused)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id.strip():
@@ -304,6 +306,11 @@ class PeerConfig:
                 _invalid("contexts", f"expected non-empty context names, got {doc_id!r}")
         if not isinstance(self.read_only, bool):
             _invalid("read_only", f"expected a boolean, got {self.read_only!r}")
+        if not isinstance(self.read_only_contexts, tuple):
+            _invalid("read_only_contexts", f"expected a tuple of context names, got {self.read_only_contexts!r}")
+        for doc_id in self.read_only_contexts:
+            if not isinstance(doc_id, str) or not doc_id or doc_id == "*":
+                _invalid("read_only_contexts", f"expected context names, got {doc_id!r}")
 
     def shares(self, doc_id: str) -> bool:
         """
@@ -317,6 +324,15 @@ class PeerConfig:
 
         """
         return "*" in self.contexts or doc_id in self.contexts
+
+    def accepts_writes(self, doc_id: str) -> bool:
+        """
+        Tell whether this peer's updates to a shared context are applied here.
+
+        Returns:
+            ``False`` for a read-only peer, or a context in :attr:`read_only_contexts`.
+        """
+        return not self.read_only and doc_id not in self.read_only_contexts
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,7 +742,20 @@ def _env_seconds(variable: str, text: str) -> float:
     return value
 
 
-_PEER_KEYS = ("node_id", "name", "addr", "contexts", "read_only", "cert")
+_PEER_KEYS = ("node_id", "name", "addr", "contexts", "read_only", "read_only_contexts", "cert")
+
+
+def _context_names(
+    reader: _Reader, table: Mapping[str, Any], prefix: str, field: str, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Read an optional array of context names of a ``[[peer]]`` table."""
+    if field not in table:
+        return default
+    key = f"{prefix}.{field}"
+    items = table[field]
+    if not isinstance(items, list):
+        reader.fail(key, f"expected an array of context names, got {_type_name(items)}")
+    return tuple(reader.string(f"{key}[{j}]", item) for j, item in enumerate(items))
 
 
 def parse_peers(toml_text: str, *, path: str | None = None) -> tuple[PeerConfig, ...]:
@@ -764,13 +793,8 @@ def parse_peers(toml_text: str, *, path: str | None = None) -> tuple[PeerConfig,
         if "addr" in table:
             key = f"{prefix}.addr"
             addr = parse_hostport(reader.string(key, table["addr"]), key=key, path=path)
-        contexts: tuple[str, ...] = ("*",)
-        if "contexts" in table:
-            key = f"{prefix}.contexts"
-            items = table["contexts"]
-            if not isinstance(items, list):
-                reader.fail(key, f"expected an array of context names, got {_type_name(items)}")
-            contexts = tuple(reader.string(f"{key}[{j}]", item) for j, item in enumerate(items))
+        contexts = _context_names(reader, table, prefix, "contexts", ("*",))
+        read_only_contexts = _context_names(reader, table, prefix, "read_only_contexts", ())
         try:
             peer = PeerConfig(
                 node_id=NodeId(reader.string(f"{prefix}.node_id", table["node_id"])),
@@ -779,6 +803,7 @@ def parse_peers(toml_text: str, *, path: str | None = None) -> tuple[PeerConfig,
                 addr=addr,
                 contexts=contexts,
                 read_only=reader.boolean(f"{prefix}.read_only", table.get("read_only", False)),
+                read_only_contexts=read_only_contexts,
             )
         except _FieldError as exc:
             reader.fail(f"{prefix}.{exc.key}", exc.reason)
@@ -845,6 +870,8 @@ def dump_peers(peers: Iterable[PeerConfig]) -> str:
             table["addr"] = format_hostport(*peer.addr)
         table["contexts"] = list(peer.contexts)
         table["read_only"] = peer.read_only
+        if peer.read_only_contexts:
+            table["read_only_contexts"] = list(peer.read_only_contexts)
         table["cert"] = peer.cert_pem
         tables.append(table)
     return tomli_w.dumps({"peer": tables}, multiline_strings=True)

@@ -34,7 +34,7 @@ from .types import TLS_SERVER_NAME, NodeId
 
 __all__ = [
     "PEER_CARD_PREFIX", "Identity", "PeerCard", "cert_der", "client_tls_context", "decode_peer_card",
-    "encode_peer_card", "fingerprint", "generate_identity", "node_id_from_cert", "parse_node_id",
+    "encode_peer_card", "fingerprint", "generate_identity", "node_id_from_cert", "node_id_from_fingerprint", "parse_node_id",
     "peer_cert_node_id", "server_tls_context", "short_id",
 ]  # fmt: skip
 
@@ -229,6 +229,17 @@ def _dashed(chars: str) -> NodeId:
 
 def _node_id_from_der(der: bytes) -> NodeId:
     return _dashed(_checked_chars(hashlib.sha256(der).digest()))
+
+
+def node_id_from_fingerprint(digest: bytes) -> NodeId:
+    """The node id of the certificate whose DER has this SHA-256 (32 bytes); see :func:`node_id_from_cert`.
+
+    Raises:
+        CryptoError: If ``digest`` is not 32 bytes.
+    """
+    if len(digest) != 32:
+        raise CryptoError(f"a certificate fingerprint is 32 bytes, got {len(digest)}")
+    return _dashed(_checked_chars(digest))
 
 
 def node_id_from_cert(cert: bytes) -> NodeId:

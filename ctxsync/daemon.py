@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ from ctxsync import __version__, config, transport
 from ctxsync.api import Api
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
-from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, check_permissions, open_store_key
+from ctxsync.crypto import PeerCard, encode_peer_card
+from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised_host, check_permissions, open_store_key
+from ctxsync.pairing import PairingListener, encode_token
 from ctxsync.log import configure_logging
 from ctxsync.mesh import Mesh
 from ctxsync.metrics import ProcessSampler, log_stats
@@ -63,6 +67,50 @@ class Daemon:
         self.store: Store | None = None
         self.mesh: Mesh | None = None
         self._peers_mtime = self._mtime()
+        self._cert_pem = cert
+        self._sync_port = self.config.listen[1]
+        self.pairing = PairingListener(
+            cert_path=home / CERT_FILE, key_path=home / KEY_FILE, own_card=self.own_card, on_join=self._on_join
+        )
+
+    def own_card(self) -> str:
+        """This node's peer card, with the address peers should dial (``ctxsync export``)."""
+        host = advertised_host(self.config.listen[0])
+        addr = config.format_hostport(host, self._sync_port) if host else None
+        return encode_peer_card(PeerCard(node_id=self.node_id, name=self.config.name, addr=addr, cert_pem=self._cert_pem))
+
+    async def _on_join(self, card: PeerCard, contexts: tuple[str, ...], read_only: bool) -> None:
+        """Pair a node that redeemed an invite: write it to peers.toml and make it live."""
+        peers = config.load(self.home, self.env).peers
+        addr = config.parse_hostport(card.addr, key="card.addr") if card.addr else None
+        peer = config.PeerConfig(
+            node_id=card.node_id,
+            name=card.name,
+            cert_pem=card.cert_pem.decode("ascii"),
+            addr=addr,
+            contexts=contexts,
+            read_only=read_only,
+        )
+        kept = [p for p in peers if p.node_id != card.node_id]
+        config.write_atomic(self.home / config.PEERS_FILE, config.dump_peers([*kept, peer]), mode=0o600)
+        await self.reload_peers()
+
+    async def invite(self, contexts: list[str], read_only: bool, ttl_s: float, addr: str | None) -> dict[str, Any]:
+        """Open a pairing invite (the API's ``invite`` op); see :meth:`PairingListener.invite`."""
+        listen_host = self.config.listen[0]
+        token, expires_at = await self.pairing.invite(
+            host=listen_host, port=0, ttl_s=ttl_s, contexts=contexts, read_only=read_only
+        )
+        host = addr or advertised_host(listen_host)
+        if host is None:
+            raise ConfigError("cannot tell which address the joiner should dial: give one (`ctxsync invite --addr HOST`)")
+        token = dataclasses.replace(token, host=host)
+        return {
+            "token": encode_token(token),
+            "expires_at": datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds"),
+            "node_id": self.node_id,
+            "addr": config.format_hostport(host, token.port),
+        }
 
     def _mtime(self) -> float:
         try:
@@ -160,7 +208,16 @@ class Daemon:
                 ping_interval=cfg.sync.ping_interval_s,
                 ping_timeout=cfg.sync.ping_timeout_s,
             )
-            api = Api(mesh, token=self.token, status=self.status, reload_peers=self.reload_peers, stop=lambda: self.stop("api"))
+            self._sync_port = listener.sockets[0].getsockname()[1] if listener.sockets else cfg.listen[1]
+            api = Api(
+                mesh,
+                token=self.token,
+                status=self.status,
+                reload_peers=self.reload_peers,
+                stop=lambda: self.stop("api"),
+                invite=self.invite,
+                allowed_hosts=frozenset({cfg.api[0]}) if cfg.api_settings.allow_remote else frozenset(),
+            )
             try:
                 api_server = await api.listen(*cfg.api)
             except OSError as exc:
@@ -188,6 +245,7 @@ class Daemon:
                     t.cancel()
                 # Peers first hear Goodbye on every session, dialed or accepted; closing the
                 # listener before would cut accepted sessions with a bare 1001.
+                await self.pairing.close()
                 await mesh.stop()
                 await mesh.flush_unpersisted()
                 api_server.close()

@@ -33,6 +33,7 @@ __all__ = [
     "STORE_FILE",
     "STORE_KEY_FILE",
     "TOKEN_FILE",
+    "advertised_host",
     "check_permissions",
     "open_store_key",
     "store_key_path",
@@ -141,6 +142,23 @@ def open_store_key(home: Path, cfg: NodeConfig, env: Mapping[str, str], *, store
         return AeadCipher(create_key_file(path)), True
     except OSError as exc:
         raise ConfigError(f"cannot create the store key {path}: {exc.strerror}") from None
+
+
+def advertised_host(listen_host: str) -> str | None:
+    """
+    The host other machines should dial to reach a listener bound to ``listen_host``.
+
+    A specific address is itself; a wildcard (``0.0.0.0``, ``::``, empty) becomes this
+    machine's address for its host name (``None`` if that cannot be resolved).
+    """
+    import socket
+
+    if listen_host not in ("0.0.0.0", "::", ""):
+        return listen_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
 
 
 def secure_file(path: Path) -> None:

@@ -477,9 +477,10 @@ class Mesh:
                 session.send_step1(doc_id, ctx.doc.get_state())
             return
         updates = [message.update] if isinstance(message, SyncStep2) else list(message.updates)
-        if st.config.read_only:
+        if not st.config.accepts_writes(doc_id):
             if any(u != _EMPTY_UPDATE for u in updates):
-                log.warning("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason="read-only peer")
+                reason = "read-only peer" if st.config.read_only else "read-only context"
+                log.warning("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason=reason)
         else:
             self._apply_remote(session, doc_id, updates)
         if isinstance(message, SyncStep2) and not session.synced.get(doc_id, True):
