@@ -156,6 +156,8 @@ def decode_token(text: str) -> InviteToken:
         body = base64.urlsafe_b64decode(body_text + "=" * (-len(body_text) % 4))
     except (binascii.Error, ValueError):
         raise PairingError("the invite token is damaged (not base64url): copy it again whole", reason="bad_token") from None
+    if base64.urlsafe_b64encode(body).decode("ascii").rstrip("=") != body_text:
+        raise PairingError("the invite token is damaged (its last character): copy it again whole", reason="bad_token")
     fixed = 32 + _ID_BYTES + _SECRET_BYTES + 2
     if len(body) <= fixed or len(body) > fixed + 255:
         raise PairingError("the invite token is truncated or too long: copy it again whole", reason="bad_token")
