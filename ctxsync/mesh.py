@@ -462,7 +462,9 @@ class Mesh:
             raise RemoteProtocolError(f"unexpected {type(message).__name__}")
         doc_id = message.doc_id
         if not st.config.shares(doc_id):
-            log.info("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason="context not shared")
+            # Asking (step 1) is how a one-sided share shows up; sending content is a refusal.
+            level = log.info if isinstance(message, SyncStep1) else log.warning
+            level("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason="context not shared")
             return
         if isinstance(message, SyncStep1):
             ctx = self._context(doc_id, create=True)
