@@ -32,6 +32,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from ctxsync import exposition
+from ctxsync.alerts import AlertRule
 from ctxsync.entries import Entry
 from ctxsync.errors import CtxSyncError, EntryError, NotFound, StoreError
 from ctxsync.mesh import Change, Mesh
@@ -85,6 +87,10 @@ class Api:
             ttl_s, addr)`` returns ``{"token", "expires_at", "node_id", "addr"}``.
         allowed_hosts: Host header names accepted besides loopback ones (the API's own
             address when ``[api] allow_remote`` puts it on the LAN).
+        alert_rules: The alert rules in force (shown at 0 in ``ctxsync_alerts_active``).
+
+    Besides the websocket ops, ``GET /metrics`` (same token and Host checks) answers with the
+    status in the Prometheus text format (:mod:`ctxsync.exposition`).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class Api:
         stop: Callable[[], None],
         invite: Callable[[list[str], bool, float, str | None], Awaitable[dict[str, Any]]] | None = None,
         allowed_hosts: frozenset[str] = frozenset(),
+        alert_rules: tuple[AlertRule, ...] = (),
     ) -> None:
         self.mesh = mesh
         self.token = token
@@ -105,6 +112,7 @@ class Api:
         self.stop = stop
         self.invite = invite
         self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
+        self.alert_rules = alert_rules
 
     async def listen(self, host: str, port: int) -> Server:
         """Start listening on ``host:port``. Raises OSError if the address is taken."""
@@ -138,7 +146,21 @@ class Api:
             resp = conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API token\n")
             resp.headers = Headers([*resp.headers.raw_items(), ("WWW-Authenticate", "Bearer")])
             return resp
+        if request.path.split("?", 1)[0] == "/metrics":
+            return self._metrics(conn)
         return None
+
+    def _metrics(self, conn: ServerConnection) -> Response:
+        """``GET /metrics``: the status in the Prometheus text format (same token as every request)."""
+        try:
+            body = exposition.render(self.status(), rules=self.alert_rules)
+        except Exception:
+            log.exception("api.error", op="metrics")
+            return conn.respond(HTTPStatus.INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+        resp = conn.respond(HTTPStatus.OK, body.decode("utf-8"))
+        resp.headers = Headers([(k, v) for k, v in resp.headers.raw_items() if k.lower() != "content-type"])
+        resp.headers["Content-Type"] = exposition.CONTENT_TYPE
+        return resp
 
     async def _connection(self, conn: ServerConnection) -> None:
         tasks: set[asyncio.Task[None]] = set()

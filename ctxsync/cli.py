@@ -412,16 +412,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     ctxs = ", ".join(f"{k} ({v['entries']} entries, v{v['version']})" for k, v in st["contexts"].items()) or "none"
     print(f"contexts {ctxs}")
     print()
-    print(f"{'PEER':<14} {'NODE':<8} {'CONNECTED':<10} {'RTT_MS':>8}  {'SENT':>10} {'RECEIVED':>10}  IN SYNC")
+    def ms(v: float | None) -> str:
+        return f"{v:.1f}" if v is not None else "-"
+
+    def sync_state(v: dict[str, Any]) -> str:
+        return "yes" if v["in_sync"] else f"no ({v['out_of_sync_s']:.0f} s)"
+
+    print(f"{'PEER':<14} {'NODE':<8} {'CONN':<5} {'RTT_MS':>7} {'P50':>7} {'P99':>7} {'SENT':>10} {'RECEIVED':>10} {'QUEUED':>8}  IN SYNC")
     for p in st["peers"]:
-        rtt = f"{p['rtt_ms']:.2f}" if p["rtt_ms"] is not None else "-"
-        insync = " ".join(f"{k}:{'yes' if v else 'no'}" for k, v in p["contexts"].items()) or "-"
+        insync = "  ".join(f"{k}: {sync_state(v)}" for k, v in p["contexts"].items()) or "-"
         print(
-            f"{p['name'][:14]:<14} {p['node_id'][:7]:<8} {('yes' if p['connected'] else 'no'):<10} {rtt:>8}  "
-            f"{p['sent_bytes']:>10} {p['received_bytes']:>10}  {insync}"
+            f"{p['name'][:14]:<14} {p['node_id'][:7]:<8} {('yes' if p['connected'] else 'no'):<5} {ms(p['rtt_ms']):>7}"
+            f" {ms(p.get('rtt_p50_ms')):>7} {ms(p.get('rtt_p99_ms')):>7} {p['sent_bytes']:>10} {p['received_bytes']:>10}"
+            f" {p['queued_bytes']:>8}  {insync}"
         )
     if not st["peers"]:
-        print("(no peers: pair with `ctxsync export` and `ctxsync peer add`)")
+        print("(no peers: pair with `ctxsync invite` / `ctxsync join`)")
+    alerts = st.get("alerts") or []
+    print()
+    if alerts:
+        print(f"ALERTS ({len(alerts)})")
+        for a in alerts:
+            labels = " ".join(f"{k}={v[:7] if k == 'peer' else v}" for k, v in a["labels"].items())
+            print(f"  {a['severity'].upper():<8} {a['name']:<18} {a['metric']} {a['op']} {a['threshold']:g} (now {a['value']:g}) {labels}")
+    else:
+        print("alerts   none")
     return 0
 
 

@@ -45,6 +45,7 @@ from typing import Any, Literal, NoReturn, TypeAlias, cast, get_args
 
 import tomli_w
 
+from .alerts import DEFAULT_RULES, AlertRule, parse_rules
 from .errors import ConfigError
 from .types import NodeId
 
@@ -503,6 +504,9 @@ class NodeConfig:
     """The ``[api]`` section."""
     discovery: DiscoveryConfig = DiscoveryConfig()
     """The ``[discovery]`` section."""
+    alerts: tuple[AlertRule, ...] = DEFAULT_RULES
+    """The alert rules in force: the defaults merged with the ``[[alert]]`` tables
+    (:func:`ctxsync.alerts.parse_rules`)."""
     peers: tuple[PeerConfig, ...] = ()
     """The paired peers, from ``peers.toml``; never written to ``config.toml``."""
 
@@ -685,7 +689,7 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
 
     """
     reader = _Reader(path)
-    raw = reader.table("", reader.loads(toml_text), ["node", *_SECTIONS])
+    raw = reader.table("", reader.loads(toml_text), ["node", "alert", *_SECTIONS])
     if "node" not in raw:
         reader.fail("node", "missing section [node]")
     node = reader.table("node", raw["node"], _NODE_KEYS)
@@ -728,6 +732,7 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
         "log": log,
         "api_settings": api_settings,
         "discovery": discovery,
+        "alerts": parse_rules(raw.get("alert", []), path=path),
     }
     return cast(NodeConfig, reader.build(NodeConfig, values))
 
@@ -842,6 +847,10 @@ def dump_node(cfg: NodeConfig) -> str:
     }
     for section, attr in _SECTION_FIELDS.items():
         doc[section] = dataclasses.asdict(getattr(cfg, attr))
+    names = {rule.name for rule in cfg.alerts}
+    alerts: list[dict[str, Any]] = [dataclasses.asdict(rule) for rule in cfg.alerts]
+    alerts += [{"name": rule.name, "enabled": False} for rule in DEFAULT_RULES if rule.name not in names]
+    doc["alert"] = alerts
     return tomli_w.dumps(doc)
 
 

@@ -10,9 +10,11 @@ tell peers Goodbye, then close the store last so every queued update is committe
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import signal
+import time
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from typing import Any
 import structlog
 
 from ctxsync import __version__, config, transport
+from ctxsync.alerts import AlertEvaluator
 from ctxsync.api import Api
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
@@ -39,6 +42,12 @@ log = structlog.get_logger("ctxsync.daemon")
 __all__ = ["CERT_FILE", "KEY_FILE", "STORE_FILE", "TOKEN_FILE", "Daemon", "run"]
 
 PEERS_POLL_S = 2.0
+MONITOR_INTERVAL_S = 0.5
+"""Period of the monitor task: event loop lag probe, RTT sampling, update rates, in seconds."""
+LOOP_LAG_WINDOW = 20
+"""Loop lag probes kept; ``loop_lag_ms`` is the largest of them (the last 10 s)."""
+RATE_WINDOW = 20
+"""Monitor ticks over which updates per second are averaged (10 s)."""
 
 
 class Daemon:
@@ -69,6 +78,9 @@ class Daemon:
         self._peers_mtime = self._mtime()
         self._cert_pem = cert
         self._sync_port = self.config.listen[1]
+        self.alerts = AlertEvaluator(self.config.alerts)
+        self._loop_lag_ms: collections.deque[float] = collections.deque(maxlen=LOOP_LAG_WINDOW)
+        self._rates: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=RATE_WINDOW + 1)
         self.pairing = PairingListener(
             cert_path=home / CERT_FILE, key_path=home / KEY_FILE, own_card=self.own_card, on_join=self._on_join
         )
@@ -143,7 +155,36 @@ class Daemon:
         }
         st["version"] = __version__
         st["listen"] = config.format_hostport(*self.config.listen)
+        st["node"] = self._node_figures()
+        st["alerts"] = [a.to_json() for a in self.alerts.active()]
         return st
+
+    def _node_figures(self) -> dict[str, Any]:
+        assert self.mesh is not None
+        rate_in = rate_out = 0.0
+        if len(self._rates) >= 2:
+            (t0, in0, out0), (t1, in1, out1) = self._rates[0], self._rates[-1]
+            if t1 > t0:
+                rate_in, rate_out = (in1 - in0) / (t1 - t0), (out1 - out0) / (t1 - t0)
+        return {
+            "updates_in_total": self.mesh.updates_received,
+            "updates_out_total": self.mesh.updates_sent,
+            "updates_in_per_s": round(rate_in, 1),
+            "updates_out_per_s": round(rate_out, 1),
+            "loop_lag_ms": round(max(self._loop_lag_ms, default=0.0), 3),
+        }
+
+    async def _monitor(self) -> None:
+        # Event loop lag: how late a timer fires. A busy loop (a large catch-up applied on it)
+        # shows here first, before the API slows down.
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            self._loop_lag_ms.append(max(0.0, (loop.time() - t0 - MONITOR_INTERVAL_S) * 1000))
+            if self.mesh is not None:
+                self.mesh.sample_rtt()
+                self._rates.append((loop.time(), self.mesh.updates_received, self.mesh.updates_sent))
 
     async def reload_peers(self) -> int:
         """Re-read peers.toml and make it the live peer list; return the peer count."""
@@ -170,6 +211,14 @@ class Daemon:
         while True:
             await asyncio.sleep(self.config.log.stats_interval_s)
             status = self.status()
+            for kind, alert in self.alerts.observe(status, time.time()):
+                fields = alert.to_json()
+                event = fields.pop("name")
+                if kind == "raised":
+                    log.warning("alert.raised", alert=event, **fields)
+                else:
+                    log.info("alert.cleared", alert=event, **fields)
+            status["alerts"] = [a.to_json() for a in self.alerts.active()]
             log_stats(status)
             store = status["store"]
             if store["compaction_failures"] > failures:
@@ -217,6 +266,7 @@ class Daemon:
                 stop=lambda: self.stop("api"),
                 invite=self.invite,
                 allowed_hosts=frozenset({cfg.api[0]}) if cfg.api_settings.allow_remote else frozenset(),
+                alert_rules=cfg.alerts,
             )
             try:
                 api_server = await api.listen(*cfg.api)
@@ -237,6 +287,7 @@ class Daemon:
             background = [
                 asyncio.create_task(self._stats_loop(), name="stats"),
                 asyncio.create_task(self._watch_peers_file(), name="peers-file"),
+                asyncio.create_task(self._monitor(), name="monitor"),
             ]
             try:
                 await self.stopping.wait()

@@ -23,13 +23,15 @@ Everything runs on the event loop thread; documents are never touched from anoth
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
+import math
 import random
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,8 @@ log = structlog.get_logger("ctxsync.mesh")
 
 _EMPTY_UPDATE = b"\x00\x00"
 MAX_UNPERSISTED_BYTES = 64 * 1024 * 1024
+RTT_WINDOW = 120
+"""RTT samples kept per peer for the percentiles (one per websocket pong: 10 minutes at the default 5 s ping)."""
 """Updates kept in memory (bytes) while the store fails, to store them once it works again."""
 _EMPTY_STATE_VECTOR = b"\x00"
 
@@ -165,6 +169,11 @@ class PeerState:
     reconnects: int = 0
     last_error: str = ""
     connected_since: float | None = None
+    protocol_errors: int = 0
+    rtt_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=RTT_WINDOW))
+    """Recent RTT samples (one per pong), in milliseconds: the sliding window of the percentiles."""
+    out_of_sync_since: dict[DocId, float] = field(default_factory=dict)
+    """Per shared context, when (monotonic seconds) :meth:`Mesh.status` first saw it out of sync."""
 
 
 def backoff(min_s: float, max_s: float, *, factor: float = 2.0) -> Iterator[float]:
@@ -447,6 +456,8 @@ class Mesh:
             )
         if reason.startswith("protocol error"):
             self.protocol_errors += 1
+            if st is not None:
+                st.protocol_errors += 1
 
     def resync_update(self, session: PeerSession, doc_id: DocId) -> bytes | None:
         ctx = self.contexts.get(doc_id)
@@ -816,29 +827,62 @@ class Mesh:
 
     # -- status ----------------------------------------------------------------------
 
+    def sample_rtt(self) -> None:
+        """Record each open session's latest RTT (websockets' ``latency``, from its last pong)."""
+        for st in self.peers.values():
+            s = st.session
+            if s is not None and s.is_open and (rtt := s.channel.rtt_s()) > 0:
+                if not st.rtt_ms or st.rtt_ms[-1] != rtt * 1000:
+                    st.rtt_ms.append(rtt * 1000)
+
     def status(self) -> dict[str, Any]:
-        """A JSON-ready picture of this node's peers and contexts (``ctxsync status``)."""
+        """
+        A JSON-ready picture of this node's peers and contexts (``ctxsync status --json``).
+
+        Per peer: connection, RTT (latest and p50/p90/p99 over the last :data:`RTT_WINDOW`
+        samples, ms), traffic counters, queue depth, reconnects, protocol errors, and per shared
+        context ``{"in_sync": bool, "out_of_sync_s": seconds}``. A context is in sync with a
+        peer when the session is open, the peer answered this side's sync step 1 for it and
+        nothing is queued for the peer. ``out_of_sync_s`` counts from the first call of this
+        method that saw it out of sync (the daemon calls it every ``stats_interval_s``).
+        """
+        now = time.monotonic()
         peers = []
         for pid, st in sorted(self.peers.items(), key=lambda kv: kv[1].config.name):
             s = st.session
+            open_ = bool(s and s.is_open)
             shared = [d for d in sorted(self.contexts) if st.config.shares(d)]
+            contexts: dict[str, Any] = {}
+            for d in shared:
+                in_sync = bool(s and open_ and s.synced.get(d, False) and s.queued_bytes == 0)
+                if in_sync:
+                    st.out_of_sync_since.pop(d, None)
+                    contexts[d] = {"in_sync": True, "out_of_sync_s": 0.0}
+                else:
+                    since = st.out_of_sync_since.setdefault(d, now)
+                    contexts[d] = {"in_sync": False, "out_of_sync_s": round(now - since, 3)}
+            for d in [d for d in st.out_of_sync_since if d not in contexts]:
+                del st.out_of_sync_since[d]
+            p50, p90, p99 = _percentiles(st.rtt_ms, (0.5, 0.9, 0.99))
             peers.append(
                 {
                     "node_id": pid,
                     "name": st.config.name,
                     "addr": format_hostport(*st.config.addr) if st.config.addr else None,
-                    "connected": bool(s and s.is_open),
-                    "rtt_ms": round(s.channel.rtt_s() * 1000, 3) if s and s.is_open and s.channel.rtt_s() > 0 else None,
+                    "connected": open_,
+                    "rtt_ms": round(s.channel.rtt_s() * 1000, 3) if s and open_ and s.channel.rtt_s() > 0 else None,
+                    "rtt_p50_ms": p50,
+                    "rtt_p90_ms": p90,
+                    "rtt_p99_ms": p99,
                     "sent_bytes": s.stats.sent_bytes if s else 0,
                     "received_bytes": s.stats.received_bytes if s else 0,
                     "sent_updates": s.stats.sent_updates if s else 0,
                     "received_updates": s.stats.received_updates if s else 0,
                     "queued_bytes": s.queued_bytes if s else 0,
                     "reconnects": max(st.reconnects - 1, 0),
+                    "protocol_errors": st.protocol_errors,
                     "last_error": st.last_error or None,
-                    "contexts": {
-                        d: bool(s and s.is_open and s.synced.get(d, False) and s.queued_bytes == 0) for d in shared
-                    },
+                    "contexts": contexts,
                 }
             )
         return {
@@ -847,6 +891,14 @@ class Mesh:
             "contexts": {d: {"entries": len(c.entries), "version": c.version} for d, c in sorted(self.contexts.items())},
             "peers": peers,
         }
+
+
+def _percentiles(samples: Iterable[float], qs: tuple[float, ...]) -> list[float | None]:
+    """Nearest-rank percentiles of ``samples`` (``None`` each when there are none), rounded to 0.001."""
+    ordered = sorted(samples)
+    if not ordered:
+        return [None for _ in qs]
+    return [round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 3) for q in qs]
 
 
 def _reraise_fatal(exc: BaseException) -> None:

@@ -67,7 +67,11 @@ def log_stats(status: dict[str, Any]) -> None:
             received_updates=p["received_updates"],
             queued_bytes=p["queued_bytes"],
             reconnects=p["reconnects"],
-            contexts_in_sync=sum(1 for v in p["contexts"].values() if v),
+            rtt_p50_ms=p.get("rtt_p50_ms"),
+            rtt_p99_ms=p.get("rtt_p99_ms"),
+            protocol_errors=p.get("protocol_errors", 0),
+            contexts_in_sync=sum(1 for v in p["contexts"].values() if v["in_sync"]),
+            contexts_out_of_sync={d: v["out_of_sync_s"] for d, v in p["contexts"].items() if not v["in_sync"]},
             contexts_shared=len(p["contexts"]),
         )
     proc = status["process"]
@@ -83,4 +87,8 @@ def log_stats(status: dict[str, Any]) -> None:
         peers_connected=sum(1 for p in status["peers"] if p["connected"]),
         peers_configured=len(status["peers"]),
         store_bytes=status["store"]["size_bytes"],
+        updates_in_per_s=status.get("node", {}).get("updates_in_per_s"),
+        updates_out_per_s=status.get("node", {}).get("updates_out_per_s"),
+        loop_lag_ms=status.get("node", {}).get("loop_lag_ms"),
+        alerts_active=len(status.get("alerts", [])),
     )

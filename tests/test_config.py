@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ctxsync import config
+from ctxsync.alerts import DEFAULT_RULES, AlertRule
 from ctxsync.config import (
     CONFIG_FILE,
     PEERS_FILE,
@@ -119,6 +120,12 @@ NON_DEFAULT = NodeConfig(
     log=LogConfig(level="debug", stats_interval_s=0.001),
     api_settings=ApiConfig(allow_remote=True),
     discovery=DiscoveryConfig(enabled=False),
+    alerts=(
+        AlertRule("replication_lag", "replication_lag_ms", 5000.0, 30.0, "warning"),
+        AlertRule("rtt_p99", "rtt_p99_ms", 250.0, 30.0, "critical"),
+        AlertRule("peer_out_of_sync", "peer_out_of_sync_s", 60.0, 0.0, "warning"),
+        AlertRule("idle_cpu", "cpu_percent", 90.0, 120.0, "info"),
+    ),
 )
 
 
@@ -132,7 +139,8 @@ def test_round_trip_every_key() -> None:
     """Writes every key of every section, each of which reads back unchanged."""
     text = dump_node(NON_DEFAULT)
     doc = tomllib.loads(text)
-    assert set(doc) == {"node", "sync", "store", "log", "api", "discovery"}
+    assert set(doc) == {"node", "sync", "store", "log", "api", "discovery", "alert"}
+    assert [a["name"] for a in doc["alert"]] == [r.name for r in NON_DEFAULT.alerts] + ["rss"]
     assert set(doc["node"]) == {"name", "listen", "api"}
     for section, attr in (("sync", "sync"), ("store", "store"), ("log", "log"), ("api", "api_settings"), ("discovery", "discovery")):
         value = getattr(NON_DEFAULT, attr)
@@ -726,3 +734,28 @@ def test_discovery_can_be_turned_off() -> None:
     assert parse(with_section("discovery", "enabled = false")).discovery.enabled is False
     with pytest.raises(ConfigError, match="discovery.enabled"):
         parse(with_section("discovery", 'enabled = "no"'))
+
+
+def test_alert_rules_merge_with_defaults() -> None:
+    """[[alert]] tables override, disable or add rules; errors name the table."""
+    assert parse(MINIMAL).alerts == DEFAULT_RULES
+    text = MINIMAL + """
+[[alert]]
+name = "rss"
+threshold = 1073741824
+
+[[alert]]
+name = "rtt_p99"
+enabled = false
+
+[[alert]]
+name = "store"
+metric = "store_failing"
+threshold = 0
+severity = "critical"
+"""
+    rules = {r.name: r for r in parse(text).alerts}
+    assert rules["rss"].threshold == 1073741824 and "rtt_p99" not in rules
+    assert rules["store"].metric == "store_failing" and rules["store"].severity == "critical"
+    with pytest.raises(ConfigError, match=r"alert\[0\]\.metric"):
+        parse(MINIMAL + '[[alert]]\nname = "x"\nmetric = "nope"\nthreshold = 1\n')

@@ -142,7 +142,7 @@ async def test_reconnect_catches_up_by_state_vector(make: Callable[[str], Node])
     await b.write(DocId("other"), [("o", "true")])
     link(a, b)
     await wait_until(lambda: value(b, "ctx", "a49") == "49" and value(a, "other", "o") == "true", T)
-    await wait_until(lambda: all(a.status()["peers"][0]["contexts"].values()), T)
+    await wait_until(lambda: all(c["in_sync"] for c in a.status()["peers"][0]["contexts"].values()), T)
     assert a.keys(DocId("ctx")) == b.keys(DocId("ctx"))
     # Same state: neither misses anything of the other (the encodings may order clients differently).
     da, db = a.contexts[DocId("ctx")].doc, b.contexts[DocId("ctx")].doc

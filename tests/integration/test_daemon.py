@@ -170,23 +170,22 @@ def test_json_logs_and_status(make_node: MakeNode) -> None:
     b.start()
     wait_for(lambda: a.connected_to(b))
     a.cli("set", "ctx", "k", "1")
-    wait_for(lambda: len(a.events("node.stats")) >= 1 and len(a.events("peer.stats")) >= 1)
+    wait_for(lambda: any(e["peers_connected"] == 1 for e in a.events("node.stats")) and len(a.events("peer.stats")) >= 1)
     for ev in a.events():
         assert {"event", "timestamp", "level", "node_id"} <= set(ev), ev
         assert ev["timestamp"].endswith("Z")
     assert a.events("node.started")[0]["node_id"] == a.node_id
     connected = a.events("peer.connected")[0]
     assert connected["peer_id"] == b.node_id and connected["peer_name"] == "bob"
-    node_stats = a.events("node.stats")[-1]
+    node_stats = [e for e in a.events("node.stats") if e["peers_connected"] == 1][-1]
     assert node_stats["rss_bytes"] > 1_000_000 and "cpu_percent" in node_stats
-    assert node_stats["peers_connected"] == 1
     wait_for(lambda: any(e["rtt_ms"] is not None for e in a.events("peer.stats")), timeout=30)
     st = a.status()
     assert st["node_id"] == a.node_id and st["process"]["rss_bytes"] > 0
     peer = st["peers"][0]
-    assert peer["connected"] and peer["contexts"] == {"ctx": True}
+    assert peer["connected"] and peer["contexts"] == {"ctx": {"in_sync": True, "out_of_sync_s": 0.0}}
     table = a.cli("status").stdout
-    assert "bob" in table and "ctx:yes" in table
+    assert "bob" in table and "ctx: yes" in table
     assert a.stop() == 0
     wait_for(lambda: any(e["event"] == "peer.disconnected" for e in b.events()))
     assert "reason" in b.events("peer.disconnected")[0]
@@ -276,3 +275,46 @@ def test_api_refuses_bad_tokens_and_foreign_hosts(make_node: MakeNode) -> None:
     (a.home / "api.token").write_text("not-the-token\n")
     denied = a.cli("get", "ctx", check=False)
     assert denied.returncode == 1 and "token" in denied.stderr
+
+
+def test_metrics_alerts_and_status_table(make_node: MakeNode) -> None:
+    """GET /metrics serves Prometheus text (token required); a configured alert is raised and cleared."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = make_node("a"), make_node("b")
+    with open(a.home / "config.toml", "a") as f:
+        f.write('\n[[alert]]\nname = "peer_down"\nmetric = "peer_disconnected"\nthreshold = 0\nwindow_s = 1\nseverity = "critical"\n')
+    a.pair(b)
+    a.start()
+    token = (a.home / "api.token").read_text().strip()
+    url = f"http://127.0.0.1:{a.api_port}/metrics"
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(url, timeout=10)
+    assert denied.value.code == 401
+    # B is paired but down: the alert is raised after its 1 s window, and shown by status.
+    wait_for(lambda: any(e.get("alert") == "peer_down" for e in a.events("alert.raised")))
+    assert [x["name"] for x in a.status()["alerts"]] == ["peer_down"]
+    table = a.cli("status").stdout
+    assert "ALERTS (1)" in table and "peer_down" in table and "CRITICAL" in table
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["ctxsync_peer_connected"].samples[0].value == 0.0
+    assert families["ctxsync_peer_connected"].samples[0].labels["peer"] == b.node_id
+    alerts = {s.labels["name"]: s.value for s in families["ctxsync_alerts_active"].samples}
+    assert alerts["peer_down"] == 1.0
+    assert families["ctxsync_process_resident_memory_bytes"].samples[0].value > 1_000_000
+    # B comes up: the alert clears, the peer is in sync, figures appear.
+    b.start()
+    a.cli("set", "ctx", "k", "1")
+    wait_for(lambda: any(e.get("alert") == "peer_down" for e in a.events("alert.cleared")))
+    wait_for(lambda: a.status()["peers"][0]["contexts"].get("ctx", {}).get("in_sync") is True)
+    st = a.status()
+    assert st["alerts"] == [] and st["node"]["updates_out_total"] >= 1 and st["node"]["loop_lag_ms"] >= 0
+    stats = a.events("node.stats")[-1]
+    assert {"loop_lag_ms", "updates_in_per_s", "alerts_active"} <= set(stats)

@@ -89,7 +89,7 @@ def both_connected(a: Node, b: Node) -> bool:
 def in_sync(node: Node, context: str) -> bool:
     """``status`` shows the (only) peer connected and ``context`` in sync with it."""
     peers = node.status()["peers"]
-    return len(peers) == 1 and peers[0]["connected"] and peers[0]["contexts"].get(context) is True
+    return len(peers) == 1 and peers[0]["connected"] and peers[0]["contexts"].get(context, {}).get("in_sync") is True
 
 
 async def _get_all(node: Node, context: str) -> dict[str, Any]:
