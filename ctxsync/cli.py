@@ -76,7 +76,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     listen = config.parse_hostport(args.listen, key="--listen") if args.listen else (base.listen if base else config.parse_hostport(DEFAULT_LISTEN))
     api = config.parse_hostport(args.api, key="--api") if args.api else (base.api if base else config.parse_hostport(DEFAULT_API))
     if base is not None:
-        cfg = config.NodeConfig(name=name, listen=listen, api=api, sync=base.sync, store=base.store, log=base.log)
+        import dataclasses
+
+        cfg = dataclasses.replace(base, name=name, listen=listen, api=api, peers=())
     else:
         cfg = config.NodeConfig(name=name, listen=listen, api=api)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -55,6 +55,7 @@ __all__ = [
     "ENV_LISTEN",
     "ENV_LOG_LEVEL",
     "ENV_STATS_INTERVAL_S",
+    "ENV_DISCOVERY",
     "LOG_LEVELS",
     "LogConfig",
     "LogLevel",
@@ -93,6 +94,9 @@ ENV_LOG_LEVEL = "CTXSYNC_LOG_LEVEL"
 
 ENV_STATS_INTERVAL_S = "CTXSYNC_STATS_INTERVAL_S"
 """Environment variable overriding ``log.stats_interval_s`` (seconds)."""
+
+ENV_DISCOVERY = "CTXSYNC_DISCOVERY"
+"""Environment variable overriding ``discovery.enabled``: ``on``/``off`` (or ``1``/``0``, ``true``/``false``)."""
 
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
 """A log level name, lower case."""
@@ -708,6 +712,11 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
         api = parse_hostport(overrides[ENV_API], key=ENV_API)
     if ENV_LOG_LEVEL in overrides:
         sections["log"]["level"] = _Reader(None).log_level(ENV_LOG_LEVEL, overrides[ENV_LOG_LEVEL])
+    if ENV_DISCOVERY in overrides:
+        flag = overrides[ENV_DISCOVERY].strip().lower()
+        if flag not in ("on", "off", "1", "0", "true", "false"):
+            raise ConfigError(f"expected on or off, got {overrides[ENV_DISCOVERY]!r}", key=ENV_DISCOVERY)
+        sections["discovery"]["enabled"] = flag in ("on", "1", "true")
     if ENV_STATS_INTERVAL_S in overrides:
         sections["log"]["stats_interval_s"] = _env_seconds(
             ENV_STATS_INTERVAL_S, overrides[ENV_STATS_INTERVAL_S]

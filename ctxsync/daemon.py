@@ -29,6 +29,7 @@ from ctxsync.api import Api
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
 from ctxsync.crypto import PeerCard, encode_peer_card
+from ctxsync.discovery import Discovery, DiscoveryError
 from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised_host, check_permissions, open_store_key
 from ctxsync.pairing import PairingListener, encode_token
 from ctxsync.log import configure_logging
@@ -79,6 +80,7 @@ class Daemon:
         self._cert_pem = cert
         self._sync_port = self.config.listen[1]
         self.alerts = AlertEvaluator(self.config.alerts)
+        self.discovery: Discovery | None = None
         self._loop_lag_ms: collections.deque[float] = collections.deque(maxlen=LOOP_LAG_WINDOW)
         self._rates: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=RATE_WINDOW + 1)
         self.pairing = PairingListener(
@@ -173,6 +175,18 @@ class Daemon:
             "updates_out_per_s": round(rate_out, 1),
             "loop_lag_ms": round(max(self._loop_lag_ms, default=0.0), 3),
         }
+
+    async def _discover(self) -> None:
+        """Announce this node and look up paired peers by mDNS; a failure only turns discovery off."""
+        assert self.mesh is not None
+        host = self.config.listen[0]
+        interfaces = None if host in ("0.0.0.0", "::", "") else [host]
+        try:
+            self.discovery = Discovery(self.node_id, self._sync_port, on_found=self.mesh.on_discovered, interfaces=interfaces)
+            await self.discovery.start()
+        except (DiscoveryError, ValueError, OSError) as exc:
+            self.discovery = None
+            log.warning("discovery.failed", error=str(exc), note="static peer addresses still work")
 
     async def _monitor(self) -> None:
         # Event loop lag: how late a timer fires. A busy loop (a large catch-up applied on it)
@@ -289,6 +303,8 @@ class Daemon:
                 asyncio.create_task(self._watch_peers_file(), name="peers-file"),
                 asyncio.create_task(self._monitor(), name="monitor"),
             ]
+            if cfg.discovery.enabled:
+                background.append(asyncio.create_task(self._discover(), name="discovery"))
             try:
                 await self.stopping.wait()
             finally:
@@ -297,6 +313,8 @@ class Daemon:
                 # Peers first hear Goodbye on every session, dialed or accepted; closing the
                 # listener before would cut accepted sessions with a bare 1001.
                 await self.pairing.close()
+                if self.discovery is not None:
+                    await self.discovery.stop()  # goodbye packets: peers forget this address
                 await mesh.stop()
                 await mesh.flush_unpersisted()
                 api_server.close()

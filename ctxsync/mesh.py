@@ -170,6 +170,8 @@ class PeerState:
     last_error: str = ""
     connected_since: float | None = None
     protocol_errors: int = 0
+    discovered: tuple[str, int] | None = None
+    """Address found by mDNS discovery; used only when the config gives no static ``addr``."""
     rtt_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=RTT_WINDOW))
     """Recent RTT samples (one per pong), in milliseconds: the sliding window of the percentiles."""
     out_of_sync_since: dict[DocId, float] = field(default_factory=dict)
@@ -318,10 +320,30 @@ class Mesh:
                 if st.dial_task:
                     st.dial_task.cancel()
                     st.dial_task = None
-            if st.dial_task is None and pcfg.addr is not None and not self._stopping:
+            if st.dial_task is None and (pcfg.addr or st.discovered) is not None and not self._stopping:
                 st.dial_task = self._spawn(self._dial_loop(st), f"dial-{pid[:7]}")
         self._server_ctx = None
         self.config = dataclasses.replace(self.config, peers=tuple(peers))
+
+    def on_discovered(self, peer_id: NodeId, addrs: list[tuple[str, int]]) -> None:
+        """
+        Take an address of a paired peer found by mDNS discovery.
+
+        Ignored for unpaired node ids and for peers with a static ``addr`` (which always wins).
+        The address is only where to dial: the TLS handshake still checks the pinned certificate.
+        """
+        st = self.peers.get(peer_id)
+        if st is None or st.config.addr is not None or not addrs or self._stopping:
+            return
+        addr = addrs[0]
+        if addr == st.discovered:
+            return
+        st.discovered = addr
+        log.info("peer.discovered", peer_id=peer_id, addr=format_hostport(*addr))
+        if st.dial_task is None or st.dial_task.done():
+            st.dial_task = self._spawn(self._dial_loop(st), f"dial-{peer_id[:7]}")
+        else:
+            st.wake.set()
 
     def server_context(self) -> ssl.SSLContext:
         """TLS context trusting exactly the peers paired now (rebuilt after each change)."""
@@ -345,12 +367,15 @@ class Mesh:
                 delays = backoff(sync.reconnect_min_s, sync.reconnect_max_s)
                 continue
             pcfg = st.config
-            assert pcfg.addr is not None
+            addr = pcfg.addr or st.discovered
+            if addr is None:  # a discovered address went away
+                st.dial_task = None
+                return
             try:
                 ctx = client_tls_context(self.cert_path, self.key_path, pcfg.cert_pem.encode())
                 channel = await transport.dial(
-                    pcfg.addr[0],
-                    pcfg.addr[1],
+                    addr[0],
+                    addr[1],
                     ssl_context=ctx,
                     expected_peer=pcfg.node_id,
                     max_frame_bytes=sync.max_frame_bytes,
@@ -371,7 +396,9 @@ class Mesh:
                 level = log.info if str(exc) != st.last_error else log.debug
                 st.last_error = str(exc)
                 level("peer.dial_failed", peer_id=pcfg.node_id, reason=str(exc), retry=True, retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+                st.wake.clear()
+                with contextlib.suppress(TimeoutError):  # a new discovered address wakes it early
+                    await asyncio.wait_for(st.wake.wait(), delay)
                 continue
             opened = st.reconnects
             await self.run_channel(channel)
@@ -868,7 +895,8 @@ class Mesh:
                 {
                     "node_id": pid,
                     "name": st.config.name,
-                    "addr": format_hostport(*st.config.addr) if st.config.addr else None,
+                    "addr": format_hostport(*addr) if (addr := st.config.addr or st.discovered) else None,
+                    "addr_source": "static" if st.config.addr else ("discovered" if st.discovered else None),
                     "connected": open_,
                     "rtt_ms": round(s.channel.rtt_s() * 1000, 3) if s and open_ and s.channel.rtt_s() > 0 else None,
                     "rtt_p50_ms": p50,

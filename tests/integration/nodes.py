@@ -32,7 +32,7 @@ def free_port() -> int:
 class Node:
     """One ctxsync node: a home in ``tmp_path`` and, while running, its daemon process."""
 
-    def __init__(self, root: Path, name: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, name: str, *, env: dict[str, str] | None = None, netns: str | None = None) -> None:
         self.name = name
         self.home = root / name
         self.listen_port = free_port()
@@ -42,8 +42,12 @@ class Node:
         self.env = {
             **os.environ,
             "CTXSYNC_STATS_INTERVAL_S": "1",
+            # mDNS would multicast on the host's network: tests stay on loopback. Tests of
+            # discovery turn it on inside a network namespace of their own (``netns``).
+            "CTXSYNC_DISCOVERY": "off",
             **(env or {}),
         }
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.env.pop("CTXSYNC_HOME", None)
         self.node_id = ""
 
@@ -52,7 +56,7 @@ class Node:
     def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run ``ctxsync ARGS --home HOME``; with ``check``, fail the test on a non-zero exit."""
         cp = subprocess.run(
-            [sys.executable, "-m", "ctxsync", *args, "--home", str(self.home)],
+            [*self.prefix, sys.executable, "-m", "ctxsync", *args, "--home", str(self.home)],
             capture_output=True,
             text=True,
             env=self.env,
@@ -110,7 +114,7 @@ class Node:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ctxsync", "run", "--home", str(self.home)],
+            [*self.prefix, sys.executable, "-m", "ctxsync", "run", "--home", str(self.home)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,

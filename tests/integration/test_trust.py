@@ -7,11 +7,17 @@ read-only peers and contexts, revocation, file permissions, encryption at rest.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+import shutil
 import stat
-from collections.abc import Callable
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -268,3 +274,52 @@ def test_store_key_from_environment(make_node: MakeNode) -> None:
     a.start()
     a.cli("set", "n", "k", "1")
     assert a.get("n", "k") == 1
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace with only ``lo`` (up, multicast on), deleted after the test."""
+    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("mDNS between daemons runs in a network namespace of its own: needs Linux, root and ip")
+    name = f"ctxsync-disc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=10, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
+    try:
+        for step in (["link", "set", "lo", "up", "multicast", "on"], ["route", "add", "224.0.0.0/4", "dev", "lo"]):
+            r = subprocess.run(["ip", "-n", name, *step], capture_output=True, text=True, timeout=10, check=False)
+            assert r.returncode == 0, r.stderr
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10, check=False)
+
+
+def test_discovery_finds_paired_peer_without_address(tmp_path: Path, netns: str) -> None:
+    """Two paired daemons with no address for each other find and connect by mDNS (inside a netns)."""
+    from ctxsync import config
+
+    nodes = [Node(tmp_path, name, netns=netns, env={"CTXSYNC_DISCOVERY": "on"}) for name in ("a", "b")]
+    try:
+        a, b = nodes
+        a.init()
+        b.init()
+        a.pair(b)
+        for n in nodes:  # forget the addresses the cards carried: discovery must find them
+            path = n.home / config.PEERS_FILE
+            peers = [dataclasses.replace(p, addr=None) for p in config.parse_peers(path.read_text())]
+            config.write_atomic(path, config.dump_peers(peers))
+        assert all(p["addr"] is None for n in nodes for p in peers_of(n).values())
+        a.start()
+        b.start()
+        wait_for(lambda: a.connected_to(b) and b.connected_to(a), timeout=30)
+        peer = a.status()["peers"][0]
+        assert peer["addr_source"] == "discovered" and peer["addr"] == f"127.0.0.1:{b.listen_port}"
+        assert any(e["peer_id"] == b.node_id for e in a.events("peer.discovered"))
+        a.cli("set", "notes", "found", "1")
+        wait_for(lambda: b.get("notes", "found") == 1)
+        # Announcements carry no context names.
+        found = a.events("discovery.found")
+        assert found and all("notes" not in json.dumps(e) for e in found)
+    finally:
+        for n in nodes:
+            n.kill()
