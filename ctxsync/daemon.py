@@ -112,12 +112,15 @@ class Daemon:
     async def invite(self, contexts: list[str], read_only: bool, ttl_s: float, addr: str | None) -> dict[str, Any]:
         """Open a pairing invite (the API's ``invite`` op); see :meth:`PairingListener.invite`."""
         listen_host = self.config.listen[0]
-        token, expires_at = await self.pairing.invite(
-            host=listen_host, port=0, ttl_s=ttl_s, contexts=contexts, read_only=read_only
-        )
         host = addr or advertised_host(listen_host)
         if host is None:
             raise ConfigError("cannot tell which address the joiner should dial: give one (`ctxsync invite --addr HOST`)")
+        try:
+            token, expires_at = await self.pairing.invite(
+                host=listen_host, port=0, ttl_s=ttl_s, contexts=contexts, read_only=read_only
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot open the pairing listener on {listen_host}: {exc.strerror or exc}") from None
         token = dataclasses.replace(token, host=host)
         return {
             "token": encode_token(token),
@@ -176,6 +179,14 @@ class Daemon:
             "loop_lag_ms": round(max(self._loop_lag_ms, default=0.0), 3),
         }
 
+    def _api_hosts(self) -> frozenset[str]:
+        """Host header names of the API when ``[api] allow_remote`` puts it on the LAN."""
+        host = self.config.api[0]
+        names = {host}
+        if (lan := advertised_host(host)) is not None:
+            names.add(lan)
+        return frozenset(names)
+
     async def _discover(self) -> None:
         """Announce this node and look up paired peers by mDNS; a failure only turns discovery off."""
         assert self.mesh is not None
@@ -184,9 +195,11 @@ class Daemon:
         try:
             self.discovery = Discovery(self.node_id, self._sync_port, on_found=self.mesh.on_discovered, interfaces=interfaces)
             await self.discovery.start()
-        except (DiscoveryError, ValueError, OSError) as exc:
+        except DiscoveryError:
+            self.discovery = None  # the module logged discovery.failed; static addresses still work
+        except (ValueError, OSError) as exc:  # could not even be set up (e.g. a listen host that is a name)
             self.discovery = None
-            log.warning("discovery.failed", error=str(exc), note="static peer addresses still work")
+            log.warning("discovery.failed", error=str(exc))
 
     async def _monitor(self) -> None:
         # Event loop lag: how late a timer fires. A busy loop (a large catch-up applied on it)
@@ -249,7 +262,7 @@ class Daemon:
         store_path = self.home / STORE_FILE
         cipher, created = open_store_key(self.home, cfg, self.env, store_cipher=Store.sealed_with(store_path))
         if created:
-            log.warning("store.key_created", reason="no store key yet: made one; back it up with the store")
+            log.warning("store.key_created", reason="no store key yet: made one; back it up, apart from store.db (without it the store cannot be read)")
         async with Store(store_path, compact_threshold=cfg.store.compact_threshold, cipher=cipher) as store:
             if store.resealed:
                 log.warning("store.resealed", blobs=store.resealed, cipher=cipher.name)
@@ -279,7 +292,7 @@ class Daemon:
                 reload_peers=self.reload_peers,
                 stop=lambda: self.stop("api"),
                 invite=self.invite,
-                allowed_hosts=frozenset({cfg.api[0]}) if cfg.api_settings.allow_remote else frozenset(),
+                allowed_hosts=self._api_hosts() if cfg.api_settings.allow_remote else frozenset(),
                 alert_rules=cfg.alerts,
             )
             try:
