@@ -163,30 +163,24 @@ def _notify_daemon(home: Path) -> str:
 
 
 def cmd_peer_add(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ctxsync import config
     from ctxsync.crypto import decode_peer_card
+    from ctxsync.home import pair_card
 
     home = _home(args)
     own_id, _ = _identity(home)
     card = decode_peer_card(args.card)
     if card.node_id == own_id:
         raise _Fail("that card is this node's own: add the card printed by `ctxsync export` on the other node")
-    cfg = config.load(home, os.environ)
-    addr_text = args.addr or card.addr
-    addr = config.parse_hostport(addr_text, key="--addr") if addr_text else None
+    if args.addr:
+        config.parse_hostport(args.addr, key="--addr")
+        card = dataclasses.replace(card, addr=args.addr)
     contexts = tuple(c.strip() for c in args.contexts.split(",") if c.strip()) if args.contexts else ("*",)
-    peer = config.PeerConfig(
-        node_id=card.node_id,
-        name=card.name,
-        cert_pem=card.cert_pem.decode() if isinstance(card.cert_pem, bytes) else card.cert_pem,
-        addr=addr,
-        contexts=contexts,
-        read_only=args.read_only,
-    )
-    peers = [p for p in cfg.peers if p.node_id != peer.node_id] + [peer]
-    config.write_atomic(home / config.PEERS_FILE, config.dump_peers(peers), mode=0o600)
-    verb = "updated" if len(peers) == len(cfg.peers) else "added"
-    print(f"peer {verb}: {peer.name} {peer.node_id}{_notify_daemon(home)}", file=sys.stderr)
+    known = config.load(home, os.environ).peer(card.node_id) is not None
+    peer = pair_card(home, os.environ, card, contexts=contexts, read_only=args.read_only)
+    print(f"peer {'updated' if known else 'added'}: {peer.name} {peer.node_id}{_notify_daemon(home)}", file=sys.stderr)
     return 0
 
 
@@ -313,7 +307,7 @@ def cmd_invite(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from ctxsync import config
+    from ctxsync.home import pair_card
     from ctxsync.pairing import decode_token, join
 
     home = _home(args)
@@ -323,17 +317,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         raise _Fail("this invite was made by this node: run `ctxsync join` on the other node")
     result = asyncio.run(join(token, _own_card(home, args.addr)))
     card = result.card
-    cfg = config.load(home, os.environ)
-    addr = config.parse_hostport(card.addr, key="card.addr") if card.addr else None
-    peer = config.PeerConfig(
-        node_id=card.node_id,
-        name=card.name,
-        cert_pem=card.cert_pem.decode("ascii"),
-        addr=addr,
-        contexts=result.contexts,
-    )
-    peers = [p for p in cfg.peers if p.node_id != peer.node_id] + [peer]
-    config.write_atomic(home / config.PEERS_FILE, config.dump_peers(peers), mode=0o600)
+    pair_card(home, os.environ, card, contexts=result.contexts, read_only=False)
     shared = "every context" if "*" in result.contexts else ", ".join(result.contexts)
     note = " (it accepts no updates from this node)" if result.read_only else ""
     print(f"paired with {card.name} {card.node_id}, sharing {shared}{note}{_notify_daemon(home)}", file=sys.stderr)

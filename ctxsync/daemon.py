@@ -30,7 +30,7 @@ from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
 from ctxsync.crypto import PeerCard, encode_peer_card
 from ctxsync.discovery import Discovery, DiscoveryError
-from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised_host, check_permissions, open_store_key
+from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised_host, check_permissions, open_store_key, pair_card
 from ctxsync.pairing import PairingListener, encode_token
 from ctxsync.log import configure_logging
 from ctxsync.mesh import Mesh
@@ -95,18 +95,7 @@ class Daemon:
 
     async def _on_join(self, card: PeerCard, contexts: tuple[str, ...], read_only: bool) -> None:
         """Pair a node that redeemed an invite: write it to peers.toml and make it live."""
-        peers = config.load(self.home, self.env).peers
-        addr = config.parse_hostport(card.addr, key="card.addr") if card.addr else None
-        peer = config.PeerConfig(
-            node_id=card.node_id,
-            name=card.name,
-            cert_pem=card.cert_pem.decode("ascii"),
-            addr=addr,
-            contexts=contexts,
-            read_only=read_only,
-        )
-        kept = [p for p in peers if p.node_id != card.node_id]
-        config.write_atomic(self.home / config.PEERS_FILE, config.dump_peers([*kept, peer]), mode=0o600)
+        pair_card(self.home, self.env, card, contexts=contexts, read_only=read_only)
         await self.reload_peers()
 
     async def invite(self, contexts: list[str], read_only: bool, ttl_s: float, addr: str | None) -> dict[str, Any]:

@@ -23,7 +23,8 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from ctxsync.config import NodeConfig
+from ctxsync.config import PEERS_FILE, NodeConfig, PeerConfig, dump_peers, load, parse_hostport, write_atomic
+from ctxsync.crypto import PeerCard
 from ctxsync.errors import ConfigError
 from ctxsync.seal import AeadCipher, create_key_file, decode_key, load_key
 
@@ -36,6 +37,7 @@ __all__ = [
     "advertised_host",
     "check_permissions",
     "open_store_key",
+    "pair_card",
     "store_key_path",
 ]
 
@@ -159,6 +161,39 @@ def advertised_host(listen_host: str) -> str | None:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return None
+
+
+def pair_card(home: Path, env: Mapping[str, str], card: PeerCard, *, contexts: tuple[str, ...], read_only: bool) -> PeerConfig:
+    """
+    Pair the node of a peer card: add it to ``peers.toml`` (replacing an entry of the same
+    node id), atomically. The running daemon still has to be told (reload).
+
+    Args:
+        home: This node's home.
+        env: Environment, for loading the configuration.
+        card: The peer's card: node id, name, dial address, certificate.
+        contexts: Contexts shared with the peer (``("*",)`` for all).
+        read_only: Refuse the peer's updates.
+
+    Returns:
+        The peer as written.
+
+    Raises:
+        ConfigError: If the configuration or the card's address is invalid.
+        OSError: If peers.toml cannot be written.
+    """
+    peers = load(home, env).peers
+    peer = PeerConfig(
+        node_id=card.node_id,
+        name=card.name,
+        cert_pem=card.cert_pem.decode("ascii"),
+        addr=parse_hostport(card.addr, key="card.addr") if card.addr else None,
+        contexts=contexts,
+        read_only=read_only,
+    )
+    kept = [p for p in peers if p.node_id != card.node_id]
+    write_atomic(home / PEERS_FILE, dump_peers([*kept, peer]), mode=0o600)
+    return peer
 
 
 def secure_file(path: Path) -> None:
