@@ -434,6 +434,8 @@ class DonorStore:
     """0-based page near the middle whose zeroing ``PRAGMA quick_check`` reports."""
     silent_page: int
     """0-based page whose zeroing ``PRAGMA quick_check`` does not see (data inside a blob)."""
+    key: bytes
+    """The donor's store key file: its blobs open with this key only."""
 
 
 def _quick_check(data: bytes, tmp: Path) -> list[str]:
@@ -482,6 +484,7 @@ def donor_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DonorStore
         node.kill()
     assert not Path(f"{node.home / 'store.db'}-wal").exists()  # checkpointed into store.db
     data = (node.home / "store.db").read_bytes()
+    key = (node.home / "store.key").read_bytes()
     page_size = int.from_bytes(data[16:18], "big")
     pages = len(data) // page_size
     assert pages > 50, pages
@@ -496,7 +499,7 @@ def donor_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DonorStore
         if detected is not None and silent is not None:
             break
     assert detected is not None and silent is not None
-    yield DonorStore(data, page_size, detected, silent)
+    yield DonorStore(data, page_size, detected, silent, key)
 
 
 def _damage(kind: str, donor: DonorStore) -> bytes:
@@ -566,6 +569,7 @@ def test_damaged_store_is_refused_and_kept(
     a = make_node("alice")
     store = a.home / "store.db"
     store.write_bytes(_damage(kind, donor_store))
+    (a.home / "store.key").write_bytes(donor_store.key)  # the donor's blobs are sealed with its key
     before = _digests(a.home)
     run = run_expecting_refusal(a, tmp_path)
     after = _digests(a.home)
