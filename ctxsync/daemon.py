@@ -29,7 +29,6 @@ from ctxsync.api import Api
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
 from ctxsync.crypto import PeerCard, encode_peer_card
-from ctxsync.discovery import Discovery, DiscoveryError
 from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised_host, check_permissions, open_store_key, pair_card
 from ctxsync.pairing import PairingListener, encode_token
 from ctxsync.log import configure_logging
@@ -80,7 +79,7 @@ class Daemon:
         self._cert_pem = cert
         self._sync_port = self.config.listen[1]
         self.alerts = AlertEvaluator(self.config.alerts)
-        self.discovery: Discovery | None = None
+        self.discovery: Any = None  # a ctxsync.discovery.Discovery once started
         self._loop_lag_ms: collections.deque[float] = collections.deque(maxlen=LOOP_LAG_WINDOW)
         self._rates: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=RATE_WINDOW + 1)
         self.pairing = PairingListener(
@@ -178,6 +177,8 @@ class Daemon:
 
     async def _discover(self) -> None:
         """Announce this node and look up paired peers by mDNS; a failure only turns discovery off."""
+        from ctxsync.discovery import Discovery, DiscoveryError  # zeroconf costs ~3.6 MiB: only when enabled
+
         assert self.mesh is not None
         host = self.config.listen[0]
         interfaces = None if host in ("0.0.0.0", "::", "") else [host]

@@ -1,0 +1,1 @@
+"""Helpers of ``scripts/bench`` (see its docstring): drivers, child roles, report."""
