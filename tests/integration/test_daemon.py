@@ -311,7 +311,9 @@ def test_metrics_alerts_and_status_table(make_node: MakeNode) -> None:
     assert families["ctxsync_process_resident_memory_bytes"].samples[0].value > 1_000_000
     # B comes up: the alert clears, the peer is in sync, figures appear.
     b.start()
-    a.cli("set", "ctx", "k", "1")
+    wait_for(lambda: a.connected_to(b))
+    a.cli("set", "ctx", "k", "1")  # a live update (a catch-up is not counted in updates_out_total)
+    wait_for(lambda: b.get("ctx", "k") == 1)
     wait_for(lambda: any(e.get("alert") == "peer_down" for e in a.events("alert.cleared")))
     wait_for(lambda: a.status()["peers"][0]["contexts"].get("ctx", {}).get("in_sync") is True)
     st = a.status()
