@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import SAMPLE_BOB, SAMPLE_CAROL, sample_status
+
 from ctxsync.alerts import (
     DEFAULT_RULES,
     METRICS,
@@ -21,113 +23,14 @@ from ctxsync.alerts import (
 )
 from ctxsync.errors import ConfigError
 
-BOB = "IR7EYQY-BOB"
-CAROL = "K2PZQ4M-CAROL"
+BOB = SAMPLE_BOB
+CAROL = SAMPLE_CAROL
 T0 = 1_800_000_000.0
 
 
 def status(**changes: Any) -> dict[str, Any]:
     """A realistic status object: two peers (bob connected, carol not), two contexts."""
-    doc: dict[str, Any] = {
-        "node_id": "IAR6I7S-ALICE",
-        "name": "alice",
-        "version": "0.1.0",
-        "listen": "127.0.0.1:47101",
-        "contexts": {"tasks": {"entries": 2, "version": 4}, "notes": {"entries": 0, "version": 1}},
-        "peers": [
-            {
-                "node_id": BOB,
-                "name": "bob",
-                "addr": "127.0.0.1:47111",
-                "connected": True,
-                "rtt_ms": 5.0,
-                "rtt_p50_ms": 4.0,
-                "rtt_p90_ms": 9.5,
-                "rtt_p99_ms": 20.0,
-                "sent_bytes": 217,
-                "received_bytes": 416,
-                "sent_updates": 1,
-                "received_updates": 3,
-                "queued_bytes": 0,
-                "queued_frames": 0,
-                "reconnects": 0,
-                "protocol_errors": 0,
-                "last_error": None,
-                "contexts": {
-                    "tasks": {
-                        "in_sync": True,
-                        "updates_behind": 0,
-                        "bytes_behind": 0,
-                        "replication_lag_ms": 12.5,
-                        "ack_lag_ms": 7.0,
-                        "out_of_sync_s": 0.0,
-                    },
-                    "notes": {
-                        "in_sync": False,
-                        "updates_behind": 3,
-                        "bytes_behind": 120,
-                        "replication_lag_ms": None,
-                        "ack_lag_ms": None,
-                        "out_of_sync_s": 4.0,
-                    },
-                },
-            },
-            {
-                "node_id": CAROL,
-                "name": "carol",
-                "addr": None,
-                "connected": False,
-                "rtt_ms": None,
-                "rtt_p50_ms": None,
-                "rtt_p90_ms": None,
-                "rtt_p99_ms": None,
-                "sent_bytes": 0,
-                "received_bytes": 0,
-                "sent_updates": 0,
-                "received_updates": 0,
-                "queued_bytes": 2048,
-                "queued_frames": 2,
-                "reconnects": 4,
-                "protocol_errors": 1,
-                "last_error": "Connect call failed",
-                "contexts": {
-                    "tasks": {
-                        "in_sync": False,
-                        "updates_behind": None,
-                        "bytes_behind": None,
-                        "replication_lag_ms": None,
-                        "ack_lag_ms": None,
-                        "out_of_sync_s": 75.0,
-                    },
-                },
-            },
-        ],
-        "process": {
-            "rss_bytes": 49_799_168,
-            "cpu_percent": 1.5,
-            "num_fds": 16,
-            "num_threads": 2,
-            "uptime_s": 9.7,
-        },
-        "node": {
-            "updates_in_per_s": 0.5,
-            "updates_out_per_s": 0.1,
-            "updates_in_total": 40,
-            "updates_out_total": 7,
-            "loop_lag_ms": 0.8,
-        },
-        "store": {
-            "path": "/home/me/.ctxsync/store.db",
-            "size_bytes": 131_440,
-            "commits": 4,
-            "appends": 4,
-            "compactions": 0,
-            "compaction_failures": 0,
-            "last_compaction_error": None,
-            "failing": False,
-        },
-        "alerts": [],
-    }
+    doc = sample_status()
     doc.update(changes)
     return doc
 
