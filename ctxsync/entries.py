@@ -37,7 +37,8 @@ from .errors import EntryError, InvalidState
 from .types import ENTRIES_ROOT, NodeId
 
 __all__ = [
-    "HLC_CHARS", "MAX_KEY_CHARS", "SEPARATOR", "Clock", "Entry", "EntryChange", "EntryMap", "Slot",
+    "HLC_CHARS", "MAX_KEY_CHARS", "META_ROOT", "SEPARATOR", "STRATEGIES", "Clock", "Entry", "EntryChange",
+    "EntryMap", "Slot", "Strategy",
     "format_hlc", "parse_hlc", "resolve", "slot_key", "split_slot_key", "validate_key",
 ]  # fmt: skip
 
@@ -241,7 +242,7 @@ class Entry:
     writer: NodeId
     """Node that made the winning write."""
     conflicts: tuple[Slot, ...] = ()
-    """Losing concurrent writes (tombstones included), newest first; empty without a conflict."""
+    """Losing concurrent writes (tombstones included), best first by the context's strategy; empty without a conflict."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,15 +256,70 @@ class EntryChange:
     """Node that wrote the winning slot (tombstones included); ``None`` if no slot is left."""
     t: str | None
     """HLC timestamp of the winning slot; ``None`` if no slot is left."""
+    previous: str | None = None
+    """The value (JSON text) the entry had before the change; ``None`` if it was absent."""
 
 
-def resolve(slots: Iterable[Slot]) -> Slot | None:
+STRATEGIES: Final = ("latest-wins", "origin-priority")
+"""Names of the conflict strategies a context can use (see :class:`Strategy`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
     """
-    Pick the winning slot of one key: the greatest ``(t, writer)``; ``None`` if there are none.
+    How the winner among concurrent slots of one key is chosen; the same on every node.
+
+    ``latest-wins`` (the default): the greatest ``(t, writer)``, i.e. the latest HLC, ties
+    broken by node id. ``origin-priority``: a slot written by a node listed in ``priority``
+    beats every slot by a node listed after it or not at all; among equals, latest wins.
+    Tombstones take part like values: a deletion by a preferred node wins.
+
+    A context keeps its strategy in its document (root map :data:`META_ROOT`, key
+    ``"strategy"``), so every replica resolves with the same one; concurrent changes of the
+    strategy settle like any map key.
+    """
+
+    name: str = "latest-wins"
+    priority: tuple[NodeId, ...] = ()
+    """Node ids, most preferred first (``origin-priority`` only)."""
+
+    def order(self) -> Callable[[Slot], Any]:
+        """Return the sort key of slots: the winner is the ``max``."""
+        if self.name != "origin-priority" or not self.priority:
+            return _ORDER
+        rank = {writer: len(self.priority) - i for i, writer in enumerate(self.priority)}
+        return lambda slot: (rank.get(slot.writer, 0), slot.t, slot.writer)
+
+    def to_json(self) -> dict[str, Any]:
+        """The strategy as stored in the document and shown by the API."""
+        return {"name": self.name, "priority": list(self.priority)}
+
+    @classmethod
+    def parse(cls, raw: object) -> Strategy:
+        """
+        Read a stored strategy; anything malformed (a buggy or hostile peer wrote it) reads as
+        the default, the same way on every node.
+        """
+        if type(raw) is not dict:
+            return cls()
+        name, priority = raw.get("name"), raw.get("priority", [])
+        if name not in STRATEGIES or type(priority) is not list or not all(type(p) is str for p in priority):
+            return cls()
+        return cls(name, tuple(NodeId(p) for p in priority))
+
+
+META_ROOT: Final = "ctxsync.meta"
+"""Root ``Y.Map`` of a context's settings that must be equal on every node (its strategy)."""
+
+
+def resolve(slots: Iterable[Slot], order: Callable[[Slot], Any] = _ORDER) -> Slot | None:
+    """
+    Pick the winning slot of one key: the greatest by ``order`` (default: latest ``(t, writer)``);
+    ``None`` if there are none.
 
     The winner may be a tombstone, in which case the entry is absent.
     """
-    return max(slots, key=_ORDER, default=None)
+    return max(slots, key=order, default=None)
 
 
 def _parse_slot(writer: NodeId, raw: object) -> Slot | None:
@@ -315,10 +371,15 @@ class EntryMap:
         self._conflicted: set[str] = set()
         self._changes: dict[str, EntryChange] = {}
         self._reasserts: dict[str, Slot] = {}
+        self._new_conflicts: dict[str, None] = {}
         self._closed = False
+        self._meta: pycrdt.Map[Any] = doc.get(META_ROOT, type=pycrdt.Map)
+        self._strategy = Strategy.parse(self._meta.get("strategy"))
+        self._order = self._strategy.order()
         with doc.transaction():
             self._load()
             self._subscription = self._map.observe(self._on_map_event)
+            self._meta_subscription = self._meta.observe(self._on_meta_event)
 
     def _load(self) -> None:
         observe = self._clock.observe
@@ -339,7 +400,7 @@ class EntryMap:
         for key, writers in index.items():
             if len(writers) > 1:
                 self._conflicted.add(key)
-                winner = resolve(writers.values())
+                winner = resolve(writers.values(), self._order)
             else:
                 (winner,) = writers.values()
             if winner is not None and winner.value is not None:
@@ -470,6 +531,37 @@ class EntryMap:
                 restored += 1
         return restored
 
+    @property
+    def strategy(self) -> Strategy:
+        """The context's conflict strategy, as its document says (the default if unset or malformed)."""
+        return self._strategy
+
+    def set_strategy(self, strategy: Strategy) -> None:
+        """
+        Store the context's conflict strategy in its document (it travels to every replica).
+
+        Winners of conflicted keys are re-resolved at once; the changes show in
+        :meth:`pop_changes`.
+
+        Raises:
+            EntryError: If the strategy's name is not one of :data:`STRATEGIES`.
+            InvalidState: If the map is closed.
+        """
+        if strategy.name not in STRATEGIES:
+            raise EntryError(f"unknown strategy {strategy.name!r}; use one of {', '.join(STRATEGIES)}")
+        self._check_open()
+        with self._doc.transaction():
+            self._meta["strategy"] = strategy.to_json()
+
+    def _on_meta_event(self, event: pycrdt.MapEvent) -> None:
+        strategy = Strategy.parse(self._meta.get("strategy"))
+        if strategy == self._strategy:
+            return
+        before = {key: self._winner(key) for key in self._conflicted}
+        self._strategy, self._order = strategy, strategy.order()
+        for key, winner in before.items():
+            self._settle(key, winner, self._winner(key))
+
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidState("entry map is closed")
@@ -520,12 +612,14 @@ class EntryMap:
         if len(writers) == 1:
             for only in writers.values():
                 return only
-        return resolve(writers.values())
+        return resolve(writers.values(), self._order)
 
     def _settle(self, key: str, before: Slot | None, after: Slot | None) -> None:
         """Update the live count, conflict set and change log after ``key``'s slots changed."""
         if len(self._slots.get(key, ())) > 1:
-            self._conflicted.add(key)
+            if key not in self._conflicted:
+                self._conflicted.add(key)
+                self._new_conflicts[key] = None
         elif self._conflicted:
             self._conflicted.discard(key)
         if before == after:
@@ -535,10 +629,12 @@ class EntryMap:
         self._live += is_live - was_live
         if not (was_live or is_live):
             return  # absent before and after: nothing visible changed
+        held = self._changes.get(key)
+        previous = held.previous if held is not None else (before.value if before is not None else None)
         if after is None:
-            self._changes[key] = EntryChange(key, None, None, None)
+            self._changes[key] = EntryChange(key, None, None, None, previous)
         else:
-            self._changes[key] = EntryChange(key, after.value, after.writer, after.t)
+            self._changes[key] = EntryChange(key, after.value, after.writer, after.t, previous)
 
     def _is_live(self, key: str) -> bool:
         winner = self._winner(key)
@@ -563,7 +659,7 @@ class EntryMap:
                 if only.value is None:
                     return None
                 return Entry(key, only.value, only.t, only.writer)
-        ranked = sorted(writers.values(), key=_ORDER, reverse=True)
+        ranked = sorted(writers.values(), key=self._order, reverse=True)
         winner = ranked[0]
         if winner.value is None:
             return None
@@ -608,8 +704,15 @@ class EntryMap:
         self._changes.clear()
         return changes
 
+    def pop_new_conflicts(self) -> list[str]:
+        """Return and forget the keys that became conflicted (two or more slots) since the last call."""
+        keys = [k for k in self._new_conflicts if k in self._conflicted]
+        self._new_conflicts.clear()
+        return keys
+
     def close(self) -> None:
         """Stop following the document. Reads still work, on a stale index; writes raise."""
         if not self._closed:
             self._closed = True
             self._map.unobserve(self._subscription)
+            self._meta.unobserve(self._meta_subscription)

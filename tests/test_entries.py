@@ -19,6 +19,7 @@ from ctxsync.entries import (
     EntryChange,
     EntryMap,
     Slot,
+    Strategy,
     format_hlc,
     parse_hlc,
     resolve,
@@ -432,7 +433,44 @@ def test_pop_changes_reports_local_and_remote_changes() -> None:
     ]
     a.entries.delete("y")
     sync(a, b)
-    assert b.entries.pop_changes() == [EntryChange("y", None, A, a.clock.latest)]
+    assert b.entries.pop_changes() == [EntryChange("y", None, A, a.clock.latest, previous="2")]
+    a.entries.pop_changes()
+    a.entries.set("x", "4")
+    a.entries.set("x", "5")
+    assert [(c.key, c.value, c.previous) for c in a.entries.pop_changes()] == [("x", "5", "3")]
+
+
+def test_origin_priority_strategy_converges_and_reports_the_switch() -> None:
+    """With origin-priority every node picks the preferred writer's slot, whatever the clocks say."""
+    a, b = Node(A, ms=1_000_000), Node(B, ms=2_000_000)
+    a.entries.set("k", '"from-a"')
+    b.entries.set("k", '"from-b"')  # later HLC: wins under latest-wins
+    sync(a, b)
+    assert a.entries.get("k").value == b.entries.get("k").value == '"from-b"'  # type: ignore[union-attr]
+    assert a.entries.pop_new_conflicts() == ["k"] and b.entries.pop_new_conflicts() == ["k"]
+    a.entries.pop_changes()
+    b.entries.pop_changes()
+    a.entries.set_strategy(Strategy("origin-priority", (A, B)))
+    assert a.entries.strategy == Strategy("origin-priority", (A, B))
+    assert [(c.key, c.value, c.previous) for c in a.entries.pop_changes()] == [("k", '"from-a"', '"from-b"')]
+    sync(a, b)
+    assert b.entries.strategy.name == "origin-priority"
+    for node in (a, b):
+        entry = node.entries.get("k")
+        assert entry is not None and entry.value == '"from-a"' and entry.writer == A
+        assert [s.writer for s in entry.conflicts] == [B]
+    assert [(c.key, c.value) for c in b.entries.pop_changes()] == [("k", '"from-a"')]
+    assert a.entries.pop_new_conflicts() == []  # still the same conflict, not a new one
+
+
+def test_a_malformed_strategy_reads_as_the_default() -> None:
+    """A hostile peer's garbage strategy is read the same way (the default) everywhere."""
+    assert Strategy.parse({"name": "chaos"}) == Strategy()
+    assert Strategy.parse({"name": "origin-priority", "priority": [1, 2]}) == Strategy()
+    assert Strategy.parse("latest-wins") == Strategy()
+    assert Strategy.parse({"name": "origin-priority", "priority": ["x"]}) == Strategy("origin-priority", ("x",))  # type: ignore[arg-type]
+    with pytest.raises(EntryError):
+        Node(A, ms=1).entries.set_strategy(Strategy("chaos"))
 
 
 def test_an_older_concurrent_write_arriving_changes_nothing_visible() -> None:
