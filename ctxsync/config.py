@@ -483,6 +483,59 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ContextsConfig:
+    """
+    The ``[contexts]`` section: history and recovery points of every context.
+
+    Raises:
+        ConfigError: On construction, if a value is out of range.
+
+    """
+
+    history_limit: int = 1000
+    """History records kept per context, newest first (>= 1)."""
+    snapshot_every: int = 1000
+    """Take an automatic snapshot of a context every this many versions (changes); 0 turns
+    them off (snapshots before a restore or adopt are still taken)."""
+    snapshot_keep: int = 20
+    """Automatic snapshots kept per context, newest first (>= 1); named ones stay until deleted."""
+
+    def __post_init__(self) -> None:
+        _check_number("contexts.history_limit", self.history_limit, minimum=1)
+        _check_number("contexts.snapshot_every", self.snapshot_every, minimum=0)
+        _check_number("contexts.snapshot_keep", self.snapshot_keep, minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhooksConfig:
+    """
+    The ``[webhooks]`` section: how change batches are delivered to webhook URLs.
+
+    Raises:
+        ConfigError: On construction, if a value is out of range.
+
+    """
+
+    max_attempts: int = 8
+    """Deliveries tried per batch before it goes to the dead-letter list (>= 1)."""
+    backoff_s: float = 1.0
+    """Delay before the first retry, in seconds, doubled (with jitter) for each next one (> 0)."""
+    max_backoff_s: float = 300.0
+    """Longest delay between retries, in seconds (>= ``backoff_s``)."""
+    timeout_s: float = 10.0
+    """Time limit of one POST, in seconds (> 0)."""
+    batch_max: int = 100
+    """Most changes in one POST (>= 1)."""
+
+    def __post_init__(self) -> None:
+        _check_number("webhooks.max_attempts", self.max_attempts, minimum=1)
+        _check_number("webhooks.backoff_s", self.backoff_s, minimum=0, exclusive=True)
+        _check_number("webhooks.max_backoff_s", self.max_backoff_s, minimum=self.backoff_s, bound="webhooks.backoff_s")
+        _check_number("webhooks.timeout_s", self.timeout_s, minimum=0, exclusive=True)
+        _check_number("webhooks.batch_max", self.batch_max, minimum=1)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """
     A node's whole configuration: ``config.toml`` plus the peers of ``peers.toml``.
@@ -508,6 +561,10 @@ class NodeConfig:
     """The ``[api]`` section."""
     discovery: DiscoveryConfig = DiscoveryConfig()
     """The ``[discovery]`` section."""
+    contexts: ContextsConfig = ContextsConfig()
+    """The ``[contexts]`` section."""
+    webhooks: WebhooksConfig = WebhooksConfig()
+    """The ``[webhooks]`` section."""
     alerts: tuple[AlertRule, ...] = DEFAULT_RULES
     """The alert rules in force: the defaults merged with the ``[[alert]]`` tables
     (:func:`ctxsync.alerts.parse_rules`)."""
@@ -666,8 +723,13 @@ _SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "api": ApiConfig,
     "discovery": DiscoveryConfig,
+    "contexts": ContextsConfig,
+    "webhooks": WebhooksConfig,
 }
-_SECTION_FIELDS = {"sync": "sync", "store": "store", "log": "log", "api": "api_settings", "discovery": "discovery"}
+_SECTION_FIELDS = {
+    "sync": "sync", "store": "store", "log": "log", "api": "api_settings", "discovery": "discovery",
+    "contexts": "contexts", "webhooks": "webhooks",
+}  # fmt: skip
 
 
 def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | None = None) -> NodeConfig:
@@ -727,6 +789,8 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
     log = reader.build(LogConfig, sections["log"])
     api_settings = reader.build(ApiConfig, sections["api"])
     discovery = reader.build(DiscoveryConfig, sections["discovery"])
+    contexts = reader.build(ContextsConfig, sections["contexts"])
+    webhooks = reader.build(WebhooksConfig, sections["webhooks"])
     if listen == api and listen[1] != 0:
         # Checked here too so that the message can say where the values came from.
         moved = [variable for variable in (ENV_LISTEN, ENV_API) if variable in overrides]
@@ -741,6 +805,8 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
         "log": log,
         "api_settings": api_settings,
         "discovery": discovery,
+        "contexts": contexts,
+        "webhooks": webhooks,
         "alerts": parse_rules(raw.get("alert", []), path=path),
     }
     return cast(NodeConfig, reader.build(NodeConfig, values))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import queue
 import re
@@ -37,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeAlias, TypeVar, cast
+from typing import Any, Final, Literal, TypeAlias, TypeVar, cast
 
 import pycrdt
 
@@ -45,7 +46,10 @@ from ctxsync.errors import InvalidState, SchemaVersionError, StoreCorrupt, Store
 from ctxsync.seal import ChecksumCipher, Cipher
 from ctxsync.types import DocId
 
-__all__ = ["Migration", "Store", "StoreKeyError", "StoreStats", "StoredContext", "migrate", "schema_version"]
+__all__ = [
+    "LEGACY_LINEAGE", "HistoryPage", "HistoryRecord", "Migration", "Store", "StoreKeyError", "StoreStats",
+    "StoredContext", "StoredSnapshot", "StoredWebhook", "migrate", "schema_version",
+]  # fmt: skip
 
 
 class StoreKeyError(StoreError):
@@ -78,6 +82,16 @@ _PUT_CHECKPOINT = (
 )
 
 
+LEGACY_LINEAGE: Final = "legacy"
+"""Lineage of the contexts stored before lineages existed (schema version 1)."""
+
+HISTORY_AAD: Final = b"history\x00"
+SNAPSHOT_AAD: Final = b"snapshot\x00"
+WEBHOOK_AAD: Final = b"webhook\x00"
+FAILURE_AAD: Final = b"webhook-failure\x00"
+"""Prefixes of the associated data of sealed JSON blobs (then the doc id or webhook id)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredContext:
     """One context as stored: apply ``updates`` in order to a fresh ``pycrdt.Doc`` to rebuild it."""
@@ -89,6 +103,62 @@ class StoredContext:
     """Highest version stored for this context, 0 if none."""
     created_at_ms: int
     """When the context was first stored, Unix time in milliseconds."""
+    lineage: str = LEGACY_LINEAGE
+    """The context's lineage id (see :meth:`Store.append_nowait`)."""
+    history_from: int = 1
+    """The lowest version from which every change is in the history."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    """One entry change as the history keeps it."""
+
+    version: int
+    """The context's local version of the change (several changes may share one)."""
+    idx: int
+    """Position among the changes of that version, from 0."""
+    record: dict[str, Any]
+    """``{"t_ms", "origin", "key", "value", "previous", "hlc"}``: applied here at ``t_ms`` (Unix
+    ms), written by ``origin`` (node id) at HLC ``hlc``; values are JSON text or ``None``."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """What :meth:`Store.read_history` found."""
+
+    records: list[HistoryRecord]
+    history_from: int
+    """Every change of a version ``>= history_from`` is kept; older ones may be gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    """One recovery point."""
+
+    id: str
+    doc_id: DocId
+    created_at_ms: int
+    version: int
+    """The context's version when it was taken."""
+    auto: bool
+    """Made automatically (every ``snapshot_every`` changes, or before a restore or adopt)."""
+    info: dict[str, Any]
+    """``{"label": str | None, "meta": JSON value | None, "reason": str}``."""
+    entries: dict[str, str] | None
+    """``{key: value JSON text}``: the live entries then; ``None`` when listed without them."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWebhook:
+    """One webhook and its delivery cursor."""
+
+    id: str
+    doc_id: DocId
+    created_at_ms: int
+    cursor: int
+    """Last version delivered (or dead-lettered): delivery resumes after it."""
+    data: dict[str, Any]
+    """``{"url", "prefix", "secret"}``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +320,8 @@ class _Append:
     version: int
     update: bytes
     created_at_ms: int
+    lineage: str = LEGACY_LINEAGE
+    history: Sequence[tuple[int, dict[str, Any]]] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -293,6 +365,8 @@ class Store:
             it when read; called on the worker thread. :class:`~ctxsync.seal.ChecksumCipher`
             (CRC-32 framing: integrity only, no secrecy) by default; the daemon passes an
             :class:`~ctxsync.seal.AeadCipher` with the node's store key.
+        history_limit: History records kept per context (newest first; default 1,000).
+        snapshot_keep: Automatic snapshots kept per context (default 20).
     """
 
     def __init__(
@@ -301,9 +375,18 @@ class Store:
         *,
         compact_threshold: int = 2000,
         cipher: Cipher | None = None,
+        history_limit: int = 1000,
+        snapshot_keep: int = 20,
     ) -> None:
         if compact_threshold < 1:
             raise ValueError("compact_threshold must be at least 1")
+        if history_limit < 1 or snapshot_keep < 1:
+            raise ValueError("history_limit and snapshot_keep must be at least 1")
+        self.history_limit = history_limit
+        """History records kept per context (the newest)."""
+        self.snapshot_keep = snapshot_keep
+        """Automatic snapshots kept per context (the newest); named ones are kept until deleted."""
+        self._history_rows: dict[str, int] = {}  # worker only: history rows per context, once counted
         self.path = Path(path)
         """The database file."""
         self.compact_threshold = compact_threshold
@@ -411,23 +494,47 @@ class Store:
 
     # -- public API (event loop thread) --------------------------------------------------------
 
-    def append_nowait(self, doc_id: DocId, version: int, update: bytes) -> asyncio.Future[None]:
+    def append_nowait(
+        self,
+        doc_id: DocId,
+        version: int,
+        update: bytes,
+        *,
+        lineage: str = LEGACY_LINEAGE,
+        history: Sequence[tuple[int, dict[str, Any]]] = (),
+    ) -> asyncio.Future[None]:
         """
         Queue one update for the next group commit, creating its context row if needed.
+
+        The update and its history records are committed in one transaction: a crash keeps
+        both or neither. History beyond :attr:`history_limit` records per context is dropped,
+        oldest first, in that transaction, and the context's ``history_from`` moves past it.
 
         Args:
             doc_id: Context the update belongs to.
             version: The context's version after this update.
             update: Yjs v1 update, unsealed.
+            lineage: The context's lineage id, stored when this creates the context row.
+            history: ``(idx, record)`` per entry change of this version (see
+                :class:`HistoryRecord`). A first ``idx`` above 0 says the earlier ones were
+                left out: ``history_from`` then moves past this version.
 
         Returns:
             A future that completes once the update is committed, or fails with
             :class:`StoreError` (chaining the SQLite error) if its transaction failed.
         """
-        job = _Append(self._future(), doc_id, version, bytes(update), _now_ms())
+        job = _Append(self._future(), doc_id, version, bytes(update), _now_ms(), lineage, tuple(history))
         return self._submit(job)
 
-    async def append(self, doc_id: DocId, version: int, update: bytes) -> None:
+    async def append(
+        self,
+        doc_id: DocId,
+        version: int,
+        update: bytes,
+        *,
+        lineage: str = LEGACY_LINEAGE,
+        history: Sequence[tuple[int, dict[str, Any]]] = (),
+    ) -> None:
         """
         Store one update durably: return only once it is committed.
 
@@ -437,7 +544,242 @@ class Store:
         Raises:
             StoreError: If the transaction failed; nothing of it is stored.
         """
-        await self.append_nowait(doc_id, version, update)
+        await self.append_nowait(doc_id, version, update, lineage=lineage, history=history)
+
+    # -- history, snapshots, lineage, webhooks ---------------------------------------------------
+
+    async def read_history(
+        self, doc_id: DocId, *, since: int | None = None, key: str | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """
+        Read a context's history, oldest first.
+
+        Args:
+            since: Only changes with a version above it, the oldest ``limit`` of them (a cursor);
+                ``None`` for the newest ``limit`` changes.
+            key: Only changes of this entry key.
+            limit: Most records returned.
+
+        Raises:
+            StoreCorrupt: If a record cannot be unsealed.
+            StoreError: If the read failed.
+        """
+
+        def read(conn: sqlite3.Connection) -> HistoryPage:
+            row = conn.execute("SELECT history_from FROM contexts WHERE doc_id = ?", (doc_id,)).fetchone()
+            if row is None:
+                return HistoryPage([], 1)
+            sql, args = "SELECT version, idx, data FROM history WHERE doc_id = ?", [doc_id]
+            if since is not None:
+                sql += " AND version > ?"
+                args.append(since)
+            sql += " ORDER BY version, idx" if since is not None else " ORDER BY version DESC, idx DESC"
+            if key is None:
+                sql += " LIMIT ?"
+                args.append(limit)
+            aad = HISTORY_AAD + doc_id.encode()
+            found: list[HistoryRecord] = []
+            for version, idx, data in conn.execute(sql, args):
+                record = self._unseal_json(data, aad, doc_id, f"history record {version}.{idx}")
+                if key is None or record.get("key") == key:
+                    found.append(HistoryRecord(version, idx, record))
+                    if len(found) >= limit:
+                        break
+            if since is None:
+                found.reverse()
+            return HistoryPage(found, int(row[0]))
+
+        return await self._call(read)
+
+    async def reset_context(self, doc_id: DocId, lineage: str, base_version: int) -> None:
+        """
+        Forget a context's content (log and checkpoint) and give it another lineage, in one
+        transaction (``ctxsync context adopt``). History, snapshots and webhooks stay.
+
+        Args:
+            base_version: The context's version now; versions stay monotonic across the reset.
+
+        Raises:
+            StoreError: If the transaction failed; nothing changed.
+        """
+
+        def reset(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO contexts (doc_id, created_at_ms, lineage) VALUES (?, ?, ?)",
+                (doc_id, _now_ms(), lineage),
+            )
+            conn.execute("DELETE FROM updates WHERE doc_id = ?", (doc_id,))
+            conn.execute("DELETE FROM checkpoints WHERE doc_id = ?", (doc_id,))
+            conn.execute(
+                "UPDATE contexts SET lineage = ?, base_version = max(base_version, ?) WHERE doc_id = ?",
+                (lineage, base_version, doc_id),
+            )
+            self._log_rows.pop(doc_id, None)
+            self._log_bytes.pop(doc_id, None)
+            self._checkpoint_bytes.pop(doc_id, None)
+
+        await self._submit(_Op(self._future(), "write", reset))
+
+    async def put_snapshot(self, snapshot: StoredSnapshot) -> None:
+        """
+        Store a snapshot durably; then drop the oldest automatic snapshots of its context beyond
+        :attr:`snapshot_keep`, in the same transaction.
+
+        Raises:
+            StoreError: If it could not be sealed or committed.
+        """
+        if snapshot.entries is None:
+            raise ValueError("a snapshot to store needs its entries")
+        aad = SNAPSHOT_AAD + snapshot.id.encode()
+        row = (
+            snapshot.id, snapshot.doc_id, snapshot.created_at_ms, snapshot.version, int(snapshot.auto),
+            self._seal_json(snapshot.info, aad + b"\x00info"), self._seal_json(snapshot.entries, aad + b"\x00entries"),
+        )  # fmt: skip
+        keep = self.snapshot_keep
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO snapshots (id, doc_id, created_at_ms, version, auto, info, entries) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            conn.execute(
+                "DELETE FROM snapshots WHERE doc_id = ? AND auto = 1 AND id NOT IN"
+                " (SELECT id FROM snapshots WHERE doc_id = ? AND auto = 1 ORDER BY created_at_ms DESC, rowid DESC LIMIT ?)",
+                (snapshot.doc_id, snapshot.doc_id, keep),
+            )
+
+        await self._submit(_Op(self._future(), "write", put))
+
+    async def list_snapshots(self, doc_id: DocId | None = None) -> list[StoredSnapshot]:
+        """Every snapshot (of ``doc_id``, or all), oldest first, without their entries."""
+
+        def read(conn: sqlite3.Connection) -> list[StoredSnapshot]:
+            where, args = ("WHERE doc_id = ?", (doc_id,)) if doc_id is not None else ("", ())
+            rows = conn.execute(
+                f"SELECT id, doc_id, created_at_ms, version, auto, info FROM snapshots {where} ORDER BY created_at_ms, rowid",
+                args,
+            ).fetchall()
+            return [
+                StoredSnapshot(
+                    i, DocId(d), t, v, bool(a),
+                    self._unseal_json(info, SNAPSHOT_AAD + i.encode() + b"\x00info", d, f"snapshot {i}"), None,
+                )  # fmt: skip
+                for i, d, t, v, a, info in rows
+            ]
+
+        return await self._call(read)
+
+    async def get_snapshot(self, snapshot_id: str) -> StoredSnapshot | None:
+        """One snapshot with its entries, or ``None``. Raises StoreCorrupt, StoreError."""
+
+        def read(conn: sqlite3.Connection) -> StoredSnapshot | None:
+            row = conn.execute(
+                "SELECT id, doc_id, created_at_ms, version, auto, info, entries FROM snapshots WHERE id = ?",
+                (snapshot_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            i, d, t, v, a, info, entries = row
+            aad = SNAPSHOT_AAD + i.encode()
+            return StoredSnapshot(
+                i, DocId(d), t, v, bool(a),
+                self._unseal_json(info, aad + b"\x00info", d, f"snapshot {i}"),
+                self._unseal_json(entries, aad + b"\x00entries", d, f"snapshot {i}"),
+            )  # fmt: skip
+
+        return await self._call(read)
+
+    async def delete_snapshot(self, snapshot_id: str) -> bool:
+        """Delete a snapshot durably; return whether it existed. Raises StoreError."""
+        return bool(
+            await self._submit(
+                _Op(
+                    self._future(), "write",
+                    lambda conn: conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,)).rowcount,
+                )
+            )
+        )  # fmt: skip
+
+    async def put_webhook(self, webhook: StoredWebhook) -> None:
+        """Store a webhook durably, replacing one with the same id. Raises StoreError."""
+        row = (
+            webhook.id, webhook.doc_id, webhook.created_at_ms, webhook.cursor,
+            self._seal_json(webhook.data, WEBHOOK_AAD + webhook.id.encode()),
+        )  # fmt: skip
+        sql = "INSERT OR REPLACE INTO webhooks (id, doc_id, created_at_ms, cursor, data) VALUES (?, ?, ?, ?, ?)"
+        await self._submit(_Op(self._future(), "write", lambda conn: conn.execute(sql, row)))
+
+    async def list_webhooks(self) -> list[StoredWebhook]:
+        """Every webhook, oldest first. Raises StoreCorrupt, StoreError."""
+
+        def read(conn: sqlite3.Connection) -> list[StoredWebhook]:
+            rows = conn.execute("SELECT id, doc_id, created_at_ms, cursor, data FROM webhooks ORDER BY created_at_ms, id")
+            return [
+                StoredWebhook(i, DocId(d), t, c, self._unseal_json(data, WEBHOOK_AAD + i.encode(), d, f"webhook {i}"))
+                for i, d, t, c, data in rows.fetchall()
+            ]
+
+        return await self._call(read)
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Delete a webhook and its dead letters durably; return whether it existed. Raises StoreError."""
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM webhook_failures WHERE webhook_id = ?", (webhook_id,))
+            return bool(conn.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)).rowcount)
+
+        return bool(await self._submit(_Op(self._future(), "write", delete)))
+
+    async def advance_webhook(self, webhook_id: str, cursor: int, failure: dict[str, Any] | None = None) -> None:
+        """
+        Move a webhook's cursor to ``cursor`` durably, and (given ``failure``) keep the batch it
+        could not deliver in the dead-letter list, in the same transaction.
+
+        Args:
+            failure: ``{"body": JSON object sent, "error": str, "attempts": int}``.
+
+        Raises:
+            StoreError: If it could not be sealed or committed.
+        """
+        sealed = None if failure is None else self._seal_json(failure, FAILURE_AAD + webhook_id.encode())
+        now = _now_ms()
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE webhooks SET cursor = max(cursor, ?) WHERE id = ?", (cursor, webhook_id))
+            if sealed is not None:
+                conn.execute(
+                    "INSERT INTO webhook_failures (webhook_id, failed_at_ms, data) VALUES (?, ?, ?)",
+                    (webhook_id, now, sealed),
+                )
+
+        await self._submit(_Op(self._future(), "write", write))
+
+    async def list_webhook_failures(self, webhook_id: str | None = None) -> list[tuple[int, str, int, dict[str, Any]]]:
+        """The dead-letter list, oldest first: ``(seq, webhook_id, failed_at_ms, failure)``. Raises StoreError."""
+
+        def read(conn: sqlite3.Connection) -> list[tuple[int, str, int, dict[str, Any]]]:
+            where, args = ("WHERE webhook_id = ?", (webhook_id,)) if webhook_id is not None else ("", ())
+            rows = conn.execute(
+                f"SELECT seq, webhook_id, failed_at_ms, data FROM webhook_failures {where} ORDER BY seq", args
+            ).fetchall()
+            return [
+                (seq, w, t, self._unseal_json(data, FAILURE_AAD + w.encode(), w, f"webhook failure {seq}"))
+                for seq, w, t, data in rows
+            ]
+
+        return await self._call(read)
+
+    def _seal_json(self, obj: Any, aad: bytes) -> bytes:
+        try:
+            return self._seal(json.dumps(obj, separators=(",", ":")).encode(), aad)
+        except Exception as exc:
+            raise StoreError(f"cannot seal a record: {exc}") from exc
+
+    def _unseal_json(self, blob: bytes, aad: bytes, owner: str, what: str) -> Any:
+        try:
+            return json.loads(self._unseal(blob, aad))
+        except Exception as exc:
+            raise StoreCorrupt(f"{self.path}: cannot unseal {what} of {owner!r}: {exc}") from exc
 
     async def create_context(self, doc_id: DocId) -> None:
         """
@@ -665,6 +1007,34 @@ class Store:
                 (convert(data, doc_id, "the checkpoint"), convert(sv, doc_id, "the state vector"), doc_id),
             )
 
+        def convert_aad(blob: bytes, aad: bytes, what: str) -> bytes:
+            try:
+                plain = old.unseal(blob, aad)
+            except ValueError as exc:
+                raise StoreCorrupt(f"{self.path}: cannot unseal {what}: {exc}") from exc
+            self.resealed += 1
+            return self._seal(plain, aad)
+
+        for doc_id, version, idx, data in conn.execute("SELECT doc_id, version, idx, data FROM history").fetchall():
+            conn.execute(
+                "UPDATE history SET data = ? WHERE doc_id = ? AND version = ? AND idx = ?",
+                (convert_aad(data, HISTORY_AAD + doc_id.encode(), f"history of {doc_id!r}"), doc_id, version, idx),
+            )
+        for sid, info, entries in conn.execute("SELECT id, info, entries FROM snapshots").fetchall():
+            aad = SNAPSHOT_AAD + sid.encode()
+            conn.execute(
+                "UPDATE snapshots SET info = ?, entries = ? WHERE id = ?",
+                (convert_aad(info, aad + b"\x00info", f"snapshot {sid}"),
+                 convert_aad(entries, aad + b"\x00entries", f"snapshot {sid}"), sid),
+            )  # fmt: skip
+        for wid, data in conn.execute("SELECT id, data FROM webhooks").fetchall():
+            conn.execute("UPDATE webhooks SET data = ? WHERE id = ?", (convert_aad(data, WEBHOOK_AAD + wid.encode(), f"webhook {wid}"), wid))
+        for seq, wid, data in conn.execute("SELECT seq, webhook_id, data FROM webhook_failures").fetchall():
+            conn.execute(
+                "UPDATE webhook_failures SET data = ? WHERE seq = ?",
+                (convert_aad(data, FAILURE_AAD + wid.encode(), f"webhook failure {seq}"), seq),
+            )
+
     def _handle(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Op | None:
         """Commit the batch's writes, answer its calls, then compact what grew too long."""
         appends = [j for j in jobs if isinstance(j, _Append)]
@@ -693,30 +1063,45 @@ class Store:
     def _commit(self, conn: sqlite3.Connection, appends: list[_Append], writes: list[_Op]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         rows: list[tuple[str, int, bytes]] = []
-        contexts: dict[str, int] = {}
+        history: list[tuple[str, int, int, bytes]] = []
+        gaps: dict[str, int] = {}
+        contexts: dict[str, tuple[int, str]] = {}
         sealed: list[_Append] = []
         for a in appends:
             try:
-                rows.append((a.doc_id, a.version, self._seal(a.update, a.doc_id.encode())))
+                row = (a.doc_id, a.version, self._seal(a.update, a.doc_id.encode()))
+                aad = HISTORY_AAD + a.doc_id.encode()
+                records = [
+                    (a.doc_id, a.version, idx, self._seal(json.dumps(r, separators=(",", ":")).encode(), aad))
+                    for idx, r in a.history
+                ]
             except Exception as exc:
                 error = StoreError(f"cannot seal an update of context {a.doc_id!r}: {exc}")
                 error.__cause__ = exc
                 outcomes.append((a.future, None, error))
                 continue
-            contexts.setdefault(a.doc_id, a.created_at_ms)
+            rows.append(row)
+            history += records
+            if a.history and a.history[0][0] > 0:  # the first changes of this version were left out
+                gaps[a.doc_id] = max(gaps.get(a.doc_id, 0), a.version + 1)
+            contexts.setdefault(a.doc_id, (a.created_at_ms, a.lineage))
             sealed.append(a)
         committed: list[_Job] = [*sealed, *writes]
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
-                "INSERT OR IGNORE INTO contexts (doc_id, created_at_ms) VALUES (?, ?)", contexts.items()
+                "INSERT OR IGNORE INTO contexts (doc_id, created_at_ms, lineage) VALUES (?, ?, ?)",
+                [(d, t, lineage) for d, (t, lineage) in contexts.items()],
             )
             conn.executemany("INSERT INTO updates (doc_id, version, data) VALUES (?, ?, ?)", rows)
+            if history:
+                self._add_history(conn, history, gaps)
             for w in writes:
                 w.fn(conn)
             conn.execute("COMMIT")
         except Exception as exc:
             self._rollback(conn)
+            self._history_rows.clear()  # recount after a rollback
             what = f"cannot commit {len(sealed)} updates and {len(writes)} writes"
             return outcomes + [(j.future, None, self._error(exc, what)) for j in committed]
         self._commits += 1
@@ -725,6 +1110,37 @@ class Store:
             self._log_rows[a.doc_id] = self._log_rows.get(a.doc_id, 0) + 1
             self._log_bytes[a.doc_id] = self._log_bytes.get(a.doc_id, 0) + len(row[2])
         return outcomes + [(j.future, None, None) for j in committed]
+
+    def _add_history(self, conn: sqlite3.Connection, records: list[tuple[str, int, int, bytes]], gaps: dict[str, int]) -> None:
+        """Insert history records, then drop the oldest beyond :attr:`history_limit` (inside the caller's transaction)."""
+        conn.executemany("INSERT OR REPLACE INTO history (doc_id, version, idx, data) VALUES (?, ?, ?, ?)", records)
+        added: dict[str, int] = {}
+        for doc_id, *_ in records:
+            added[doc_id] = added.get(doc_id, 0) + 1
+        limit = self.history_limit
+        for doc_id, n in added.items():
+            count = self._history_rows.get(doc_id)
+            if count is None:
+                count = conn.execute("SELECT COUNT(*) FROM history WHERE doc_id = ?", (doc_id,)).fetchone()[0]
+            else:
+                count += n
+            if count > limit:
+                version, idx = conn.execute(
+                    "SELECT version, idx FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
+                    (doc_id, limit - 1),
+                ).fetchone()
+                conn.execute(
+                    "DELETE FROM history WHERE doc_id = ? AND (version < ? OR (version = ? AND idx < ?))",
+                    (doc_id, version, version, idx),
+                )
+                count = limit
+                first_whole = version if idx == 0 else version + 1
+                gaps[doc_id] = max(gaps.get(doc_id, 0), first_whole)
+            self._history_rows[doc_id] = count
+        conn.executemany(
+            "UPDATE contexts SET history_from = max(history_from, ?) WHERE doc_id = ?",
+            [(v, d) for d, v in gaps.items()],
+        )
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
@@ -745,7 +1161,8 @@ class Store:
         conn.execute("BEGIN")
         try:
             contexts = conn.execute(
-                f"SELECT doc_id, created_at_ms FROM contexts {where} ORDER BY doc_id", args
+                f"SELECT doc_id, created_at_ms, lineage, history_from, base_version FROM contexts {where} ORDER BY doc_id",
+                args,
             ).fetchall()
             checkpoints = {
                 r[0]: r[1:] for r in conn.execute(f"SELECT doc_id, data, version, upto_seq FROM checkpoints {where}", args)
@@ -758,7 +1175,7 @@ class Store:
         finally:
             conn.execute("COMMIT")
         loaded = []
-        for doc_id, created_at_ms in contexts:
+        for doc_id, created_at_ms, lineage, history_from, base_version in contexts:
             updates, version, upto_seq = [], 0, 0
             if doc_id in checkpoints:
                 data, version, upto_seq = checkpoints[doc_id]
@@ -767,7 +1184,8 @@ class Store:
                 if seq > upto_seq:
                     updates.append(self._unseal_or_corrupt(data, doc_id, f"update {seq}"))
                     version = max(version, row_version)
-            loaded.append(StoredContext(DocId(doc_id), updates, version, created_at_ms))
+            version = max(version, base_version, history_from - 1)
+            loaded.append(StoredContext(DocId(doc_id), updates, version, created_at_ms, lineage, history_from))
         return loaded
 
     def _log_is_large(self, doc_id: str) -> bool:

@@ -16,12 +16,14 @@ from ctxsync.config import (
     CONFIG_FILE,
     PEERS_FILE,
     ApiConfig,
+    ContextsConfig,
     DiscoveryConfig,
     LogConfig,
     NodeConfig,
     PeerConfig,
     StoreConfig,
     SyncConfig,
+    WebhooksConfig,
     dump_node,
     dump_peers,
     format_hostport,
@@ -120,6 +122,8 @@ NON_DEFAULT = NodeConfig(
     log=LogConfig(level="debug", stats_interval_s=0.001),
     api_settings=ApiConfig(allow_remote=True),
     discovery=DiscoveryConfig(enabled=False),
+    contexts=ContextsConfig(history_limit=7, snapshot_every=0, snapshot_keep=3),
+    webhooks=WebhooksConfig(max_attempts=2, backoff_s=0.25, max_backoff_s=0.5, timeout_s=1.5, batch_max=9),
     alerts=(
         AlertRule("replication_lag", "replication_lag_ms", 5000.0, 30.0, "warning"),
         AlertRule("rtt_p99", "rtt_p99_ms", 250.0, 30.0, "critical"),
@@ -139,7 +143,7 @@ def test_round_trip_every_key() -> None:
     """Writes every key of every section, each of which reads back unchanged."""
     text = dump_node(NON_DEFAULT)
     doc = tomllib.loads(text)
-    assert set(doc) == {"node", "sync", "store", "log", "api", "discovery", "alert"}
+    assert set(doc) == {"node", "sync", "store", "log", "api", "discovery", "contexts", "webhooks", "alert"}
     assert [a["name"] for a in doc["alert"]] == [r.name for r in NON_DEFAULT.alerts] + ["rss"]
     assert set(doc["node"]) == {"name", "listen", "api"}
     for section, attr in (("sync", "sync"), ("store", "store"), ("log", "log"), ("api", "api_settings"), ("discovery", "discovery")):
