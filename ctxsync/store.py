@@ -569,7 +569,8 @@ class Store:
             row = conn.execute("SELECT history_from FROM contexts WHERE doc_id = ?", (doc_id,)).fetchone()
             if row is None:
                 return HistoryPage([], 1)
-            sql, args = "SELECT version, idx, data FROM history WHERE doc_id = ?", [doc_id]
+            sql = "SELECT version, idx, data FROM history WHERE doc_id = ?"
+            args: list[Any] = [doc_id]
             if since is not None:
                 sql += " AND version > ?"
                 args.append(since)
@@ -1069,7 +1070,7 @@ class Store:
         sealed: list[_Append] = []
         for a in appends:
             try:
-                row = (a.doc_id, a.version, self._seal(a.update, a.doc_id.encode()))
+                row: tuple[str, int, bytes] = (a.doc_id, a.version, self._seal(a.update, a.doc_id.encode()))
                 aad = HISTORY_AAD + a.doc_id.encode()
                 records = [
                     (a.doc_id, a.version, idx, self._seal(json.dumps(r, separators=(",", ":")).encode(), aad))
