@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -32,14 +33,17 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from ctxsync import exposition
+from ctxsync import exposition, yjs
 from ctxsync.alerts import AlertRule
 from ctxsync.entries import Entry
 from ctxsync.errors import CtxSyncError, EntryError, NotFound, StoreError
 from ctxsync.mesh import Change, Mesh
-from ctxsync.types import DocId
+from ctxsync.types import DocId, is_valid_doc_id
 
 log = structlog.get_logger("ctxsync.api")
+
+YJS_PREFIX = "/yjs/"
+"""Path prefix of the Yjs (y-websocket protocol) endpoint: ``/yjs/CONTEXT``."""
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
@@ -141,13 +145,22 @@ class Api:
             log.warning("api.denied", reason="browser origin", origin=origins[0][:200])
             return conn.respond(HTTPStatus.FORBIDDEN, "cross-origin requests refused\n")
         expected = f"Bearer {self.token}"
+        path, _, query = request.path.partition("?")
+        if path.startswith(YJS_PREFIX) and not auth:
+            # What the y-websocket provider's `params` option sends: ?token=...
+            tokens = urllib.parse.parse_qs(query).get("token", [])
+            auth = f"Bearer {tokens[0]}" if len(tokens) == 1 else ""
         if not hmac.compare_digest(auth.encode(), expected.encode()):
             log.warning("api.denied", reason="missing token" if not auth else "wrong token")
             resp = conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API token\n")
             resp.headers = Headers([*resp.headers.raw_items(), ("WWW-Authenticate", "Bearer")])
             return resp
-        if request.path.split("?", 1)[0] == "/metrics":
+        if path == "/metrics":
             return self._metrics(conn)
+        if path.startswith(YJS_PREFIX) and not is_valid_doc_id(urllib.parse.unquote(path[len(YJS_PREFIX) :])):
+            return conn.respond(HTTPStatus.NOT_FOUND, "not a valid context name: use /yjs/CONTEXT\n")
+        if not path.startswith(YJS_PREFIX) and path != "/":
+            return conn.respond(HTTPStatus.NOT_FOUND, "no such path: use / (the JSON API), /yjs/CONTEXT or /metrics\n")
         return None
 
     def _metrics(self, conn: ServerConnection) -> Response:
@@ -163,6 +176,10 @@ class Api:
         return resp
 
     async def _connection(self, conn: ServerConnection) -> None:
+        path = conn.request.path.partition("?")[0] if conn.request is not None else "/"
+        if path.startswith(YJS_PREFIX):
+            await yjs.serve(self.mesh, conn, DocId(urllib.parse.unquote(path[len(YJS_PREFIX) :])))
+            return
         tasks: set[asyncio.Task[None]] = set()
         try:
             async for raw in conn:

@@ -9,7 +9,7 @@ lib0 ``varuint``, as in y-protocols); the fields follow, each a ``varuint``, a
 type       fields
 =========  ===============================================================
 0 HELLO    varuint protocol_version, varstring node_id, varstring name
-1 STEP1    varstring doc_id, varbytes state_vector
+1 STEP1    varstring doc_id, varbytes state_vector, varstring lineage (protocol 2)
 2 STEP2    varstring doc_id, varbytes update
 3 UPDATE   varstring doc_id, varuint count, count x varbytes update
 4 CHUNK    varuint final (0/1), varbytes part of one encoded STEP2/UPDATE frame
@@ -34,6 +34,10 @@ from typing import TypeAlias
 
 from ctxsync.errors import DecodeError, LocalProtocolError
 from ctxsync.types import DocId, is_valid_doc_id
+
+
+MAX_LINEAGE_CHARS = 64
+"""Longest lineage id in a STEP1 frame, in characters."""
 
 
 class MessageType(IntEnum):
@@ -63,6 +67,9 @@ class SyncStep1:
     doc_id: DocId
     state_vector: bytes
     """Encoded Yjs state vector (``Doc.get_state()``)."""
+    lineage: str = ""
+    """The sender's lineage id of the context (at most :data:`MAX_LINEAGE_CHARS`); empty when
+    the sender does not have the context (it asks for it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,10 +211,11 @@ def encode(message: Message) -> bytes:
             _varuint(version, out)
             _varstring(node_id, out)
             _varstring(name, out)
-        case SyncStep1(doc_id, state_vector):
+        case SyncStep1(doc_id, state_vector, lineage):
             _varuint(MessageType.SYNC_STEP1, out)
             _varstring(doc_id, out)
             _varbytes(state_vector, out)
+            _varstring(lineage, out)
         case SyncStep2(doc_id, update):
             _varuint(MessageType.SYNC_STEP2, out)
             _varstring(doc_id, out)
@@ -250,7 +258,7 @@ def decode(frame: bytes) -> Message:
     if kind == MessageType.HELLO:
         msg = Hello(r.varuint(), r.varstring(MAX_NAME_CHARS), r.varstring(MAX_NAME_CHARS))
     elif kind == MessageType.SYNC_STEP1:
-        msg = SyncStep1(r.doc_id(), r.varbytes())
+        msg = SyncStep1(r.doc_id(), r.varbytes(), r.varstring(MAX_LINEAGE_CHARS))
     elif kind == MessageType.SYNC_STEP2:
         msg = SyncStep2(r.doc_id(), r.varbytes())
     elif kind == MessageType.SYNC_UPDATE:

@@ -26,12 +26,14 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import math
 import random
+import secrets
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ from ctxsync.errors import (
 )
 from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
-from ctxsync.store import Store
+from ctxsync.store import LEGACY_LINEAGE, Store
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
 from ctxsync.yupdate import InvalidUpdate, MissingDependencies, check_update, decode_state_vector
 
@@ -82,16 +84,31 @@ class Change:
     """Node id of the writer of the change."""
     version: int
     """The context's local version after the change."""
+    previous: str | None = None
+    """The value (JSON text) it replaced; None if the entry was absent."""
+    t: str | None = None
+    """HLC timestamp of the write (16 hex characters); None if no write is left (removed)."""
+
+
+def new_lineage() -> str:
+    """A fresh lineage id: 22 characters of URL-safe base64 of 128 random bits."""
+    return secrets.token_urlsafe(16)
 
 
 class Context:
     """One context: its document, entries, local version and the update its last transaction made."""
 
-    def __init__(self, doc_id: DocId, node_id: NodeId, clock: Clock, *, version: int = 0) -> None:
+    def __init__(
+        self, doc_id: DocId, node_id: NodeId, clock: Clock, *, version: int = 0, lineage: str = LEGACY_LINEAGE
+    ) -> None:
         self.doc_id = doc_id
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.version = version
         """Local change counter: +1 per transaction that changed the document."""
+        self.lineage = lineage
+        """Id made when the context was first created on some node; only equal lineages sync."""
+        self.snapshot_at = version
+        """Version at the last automatic snapshot (or at load)."""
         self.rebuilding = False
         """True while the document is replaced by its stored state after a failed remote apply."""
         self._captured: list[bytes] = []
@@ -136,9 +153,10 @@ class Ingested:
 
 
 class _Subscription:
-    def __init__(self, context: DocId | None, prefix: str, maxsize: int) -> None:
+    def __init__(self, context: DocId | None, prefix: str, maxsize: int, glob: str | None = None) -> None:
         self.context = context
         self.prefix = prefix
+        self.glob = glob
         self.queue: asyncio.Queue[Change | None] = asyncio.Queue(maxsize)
         self.overflowed = False
 
@@ -148,6 +166,8 @@ class _Subscription:
         if self.context is not None and change.context != self.context:
             return
         if not change.key.startswith(self.prefix):
+            return
+        if self.glob is not None and not fnmatch.fnmatchcase(change.key, self.glob):
             return
         try:
             self.queue.put_nowait(change)
@@ -176,6 +196,21 @@ class PeerState:
     """Recent RTT samples (one per pong), in milliseconds: the sliding window of the percentiles."""
     out_of_sync_since: dict[DocId, float] = field(default_factory=dict)
     """Per shared context, when (monotonic seconds) :meth:`Mesh.status` first saw it out of sync."""
+    remote_lineage: dict[DocId, str] = field(default_factory=dict)
+    """The lineage the peer last announced (sync step 1) per context; kept across sessions."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An update on its way to the store, with the history records of its version."""
+
+    doc_id: DocId
+    version: int
+    update: bytes
+    lineage: str
+    history: list[tuple[int, dict[str, Any]]]
+    local: bool
+    """Made here: it may leave for peers only once stored."""
 
 
 def backoff(min_s: float, max_s: float, *, factor: float = 2.0) -> Iterator[float]:
@@ -227,8 +262,13 @@ class Mesh:
         self.peers: dict[NodeId, PeerState] = {}
         self._subs: set[_Subscription] = set()
         self._registered: set[PeerSession] = set()
-        self._unpersisted: list[tuple[DocId, int, bytes, bool]] = []
-        """Updates the store refused, kept to retry: (doc_id, version, update, made here)."""
+        self._unpersisted: list[_Pending] = []
+        """Updates the store refused, kept to retry."""
+        self._update_subs: dict[DocId, dict[int, Callable[[bytes, object], None]]] = {}
+        self.on_durable: list[Callable[[DocId, int], None]] = []
+        """Called with (doc_id, version) once a version and its history are committed."""
+        self.on_version: list[Callable[[Context], None]] = []
+        """Called after each new version of a context (automatic snapshots)."""
         self._unpersisted_bytes = 0
         self.store_failing: str | None = None
         """Why the store last failed, while updates wait to be stored; None when healthy."""
@@ -244,7 +284,7 @@ class Mesh:
     async def load(self) -> None:
         """Rebuild every context from the store."""
         for stored in await self.store.load_all():
-            ctx = Context(stored.doc_id, self.node_id, self.clock, version=stored.version)
+            ctx = Context(stored.doc_id, self.node_id, self.clock, version=stored.version, lineage=stored.lineage)
             try:
                 ctx.load(stored.updates)
             except BaseException as exc:
@@ -464,7 +504,7 @@ class Mesh:
         )
         for ctx in self.contexts.values():
             if st.config.shares(ctx.doc_id):
-                session.send_step1(ctx.doc_id, ctx.doc.get_state())
+                session.send_step1(ctx.doc_id, ctx.doc.get_state(), ctx.lineage)
 
     def on_session_closed(self, session: PeerSession, reason: str) -> None:
         st = self.peers.get(session.peer_id)
@@ -505,16 +545,14 @@ class Mesh:
             level("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason="context not shared")
             return
         if isinstance(message, SyncStep1):
-            ctx = self._context(doc_id, create=True)
-            session.remote_state_vectors[doc_id] = message.state_vector
-            try:
-                answer = ctx.doc.get_update(message.state_vector)
-            except BaseException as exc:
-                _reraise_fatal(exc)
-                raise RemoteProtocolError(f"invalid state vector for {doc_id}: {exc}") from None
-            session.send_step2(doc_id, answer)
-            if doc_id not in session.step1_sent_at:
-                session.send_step1(doc_id, ctx.doc.get_state())
+            self._on_step1(session, st, message)
+            return
+        ctx = self.contexts.get(doc_id)
+        if ctx is None or not self._lineage_matches(st, ctx):
+            if ctx is None and doc_id not in session.step1_sent_at:
+                # Content before the peer's step 1 (which names the lineage): ask it to say it.
+                session.send_step1(doc_id, _EMPTY_STATE_VECTOR, "")
+            log.debug("sync.dropped", peer_id=session.peer_id, doc_id=doc_id, reason="lineage unknown or different")
             return
         updates = [message.update] if isinstance(message, SyncStep2) else list(message.updates)
         if not st.config.accepts_writes(doc_id):
@@ -535,16 +573,53 @@ class Mesh:
                 session_id=session.session_id,
             )
 
+    def _on_step1(self, session: PeerSession, st: PeerState, message: SyncStep1) -> None:
+        """Answer a peer's sync step 1, unless its lineage of the context differs from ours."""
+        doc_id, lineage = message.doc_id, message.lineage
+        ctx = self.contexts.get(doc_id)
+        if lineage:
+            st.remote_lineage[doc_id] = lineage
+        if ctx is None:
+            if not lineage:
+                return  # neither side has it
+            ctx = self._context(doc_id, create=True, lineage=lineage)
+        elif lineage and lineage != ctx.lineage:
+            if session.lineage_reported.get(doc_id) != lineage:
+                session.lineage_reported[doc_id] = lineage
+                log.warning(
+                    "context.lineage_mismatch",
+                    peer_id=session.peer_id,
+                    doc_id=doc_id,
+                    lineage=ctx.lineage,
+                    peer_lineage=lineage,
+                    hint=f"ctxsync context adopt {doc_id} --from {session.peer_id}",
+                )
+            return
+        session.remote_state_vectors[doc_id] = message.state_vector
+        try:
+            answer = ctx.doc.get_update(message.state_vector)
+        except BaseException as exc:
+            _reraise_fatal(exc)
+            raise RemoteProtocolError(f"invalid state vector for {doc_id}: {exc}") from None
+        if doc_id not in session.step1_sent_at or not lineage:
+            # Our step 1 goes first: it names the lineage before any content arrives.
+            session.send_step1(doc_id, ctx.doc.get_state(), ctx.lineage)
+        session.send_step2(doc_id, answer)
+
+    @staticmethod
+    def _lineage_matches(st: PeerState, ctx: Context) -> bool:
+        return st.remote_lineage.get(ctx.doc_id, ctx.lineage) == ctx.lineage
+
     def _apply_remote(self, session: PeerSession, doc_id: DocId, updates: list[bytes]) -> None:
-        self.updates_received += len(updates)
-        session.stats.received_updates += len(updates)
+        received = sum(1 for u in updates if u != _EMPTY_UPDATE)  # an empty step 2 is no update
+        self.updates_received += received
+        session.stats.received_updates += received
         result = self.ingest(session.peer_id, doc_id, updates)
         ctx = self.contexts.get(doc_id)
         if ctx is None:
             return
         for update in result.updates:
-            self._committed(ctx, update, exclude=session.peer_id)
-            self._persist_nowait(doc_id, ctx.version, update)
+            self._persist_nowait(self._committed(ctx, update, exclude=session.peer_id, origin=session.peer_id))
         if result.missing:
             self._ask_for_missing(session, ctx)
         reasserts = ctx.entries.take_reasserts()
@@ -557,7 +632,7 @@ class Mesh:
         if session.synced.get(ctx.doc_id, True) is False and time.monotonic() - last < 1.0:
             return  # a step 1 is already on its way
         log.debug("sync.missing_dependencies", peer_id=session.peer_id, doc_id=ctx.doc_id)
-        session.send_step1(ctx.doc_id, ctx.doc.get_state())
+        session.send_step1(ctx.doc_id, ctx.doc.get_state(), ctx.lineage)
 
     def _restore_own(self, ctx: Context, slots: dict[str, Slot]) -> None:
         """Put back this node's newer writes that an older write of its own, lost here in a crash, displaced."""
@@ -567,10 +642,10 @@ class Mesh:
         if update is None:
             return
         log.info("entry.restored", doc_id=ctx.doc_id, keys=restored)
-        self._committed(ctx, update, exclude=None, send=False)
-        self._spawn(self._store_then_send(ctx.doc_id, ctx.version, update), f"restore-{ctx.doc_id}")
+        pending = self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
+        self._spawn(self._store_then_send(pending), f"restore-{ctx.doc_id}")
 
-    async def _store_then_send(self, doc_id: DocId, version: int, update: bytes) -> StoreError | None:
+    async def _store_then_send(self, p: _Pending) -> StoreError | None:
         """
         Store an update made here, then send it to the peers (only what is durable leaves).
 
@@ -579,12 +654,20 @@ class Mesh:
             to retry (it is sent when it is finally stored).
         """
         try:
-            await self.store.append(doc_id, version, update)
+            await self.store.append(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
         except StoreError as exc:
-            self._retain(doc_id, version, update, exc, local=True)
+            self._retain(p, exc)
             return exc
-        self._send(doc_id, update, exclude=None)
+        self._durable(p)
+        self._send(p.doc_id, p.update, exclude=None)
         return None
+
+    def _durable(self, p: _Pending) -> None:
+        for hook in self.on_durable:
+            try:
+                hook(p.doc_id, p.version)
+            except Exception:
+                log.exception("hook.failed", hook="on_durable", doc_id=p.doc_id)
 
     def ingest(self, origin: NodeId, doc_id: DocId, updates: list[bytes]) -> Ingested:
         """
@@ -651,10 +734,10 @@ class Mesh:
         self._spawn(self._rebuild_from_store(ctx), f"rebuild-{ctx.doc_id}")
 
     async def _rebuild_from_store(self, ctx: Context) -> None:
-        fresh = Context(ctx.doc_id, self.node_id, self.clock, version=ctx.version)
+        fresh = Context(ctx.doc_id, self.node_id, self.clock, version=ctx.version, lineage=ctx.lineage)
         try:
             stored = await self.store.load(ctx.doc_id)  # runs after every append queued before it
-            retained = [u for d, _, u, _ in self._unpersisted if d == ctx.doc_id]
+            retained = [p.update for p in self._unpersisted if p.doc_id == ctx.doc_id]
             fresh.load((stored.updates if stored else []) + retained)
         except BaseException as exc:
             _reraise_fatal(exc)
@@ -668,32 +751,33 @@ class Mesh:
         log.info("context.rebuilt", doc_id=ctx.doc_id, entries=len(fresh.entries))
         for st in self.peers.values():
             if st.session is not None and st.session.is_open and st.config.shares(ctx.doc_id):
-                st.session.send_step1(ctx.doc_id, fresh.doc.get_state())
+                st.session.send_step1(ctx.doc_id, fresh.doc.get_state(), fresh.lineage)
 
     # -- persistence -----------------------------------------------------------------
 
-    def _persist_nowait(self, doc_id: DocId, version: int, update: bytes) -> None:
+    def _persist_nowait(self, p: _Pending) -> None:
         """Queue an update for the store; if the store fails, keep it and retry until it works."""
-        fut = self.store.append_nowait(doc_id, version, update)
-        fut.add_done_callback(functools.partial(self._on_persisted, doc_id, version, update))
+        fut = self.store.append_nowait(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
+        fut.add_done_callback(functools.partial(self._on_persisted, p))
 
-    def _on_persisted(self, doc_id: DocId, version: int, update: bytes, fut: asyncio.Future[None]) -> None:
-        if fut.cancelled() or fut.exception() is None:
+    def _on_persisted(self, p: _Pending, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
             return
-        self._retain(doc_id, version, update, fut.exception())
+        if fut.exception() is None:
+            self._durable(p)
+            return
+        self._retain(p, fut.exception())
 
-    def _retain(
-        self, doc_id: DocId, version: int, update: bytes, exc: BaseException | None, *, local: bool = False
-    ) -> None:
-        if self._unpersisted_bytes + len(update) > MAX_UNPERSISTED_BYTES and not local:
+    def _retain(self, p: _Pending, exc: BaseException | None) -> None:
+        if self._unpersisted_bytes + len(p.update) > MAX_UNPERSISTED_BYTES and not p.local:
             # Still safe: peers hold it, and sync step 1/2 brings it back after a restart.
-            log.error("store.retention_full", doc_id=doc_id, version=version, retained_bytes=self._unpersisted_bytes)
+            log.error("store.retention_full", doc_id=p.doc_id, version=p.version, retained_bytes=self._unpersisted_bytes)
         else:
-            self._unpersisted.append((doc_id, version, update, local))
-            self._unpersisted_bytes += len(update)
+            self._unpersisted.append(p)
+            self._unpersisted_bytes += len(p.update)
         if self.store_failing is None:
             self.store_failing = str(exc)
-            log.error("store.append_failed", doc_id=doc_id, version=version, error=str(exc))
+            log.error("store.append_failed", doc_id=p.doc_id, version=p.version, error=str(exc))
             self._spawn(self._retry_persist(), "store-retry")
 
     async def _retry_persist(self) -> None:
@@ -719,12 +803,15 @@ class Mesh:
             How many were stored. Raises the store's error, keeping them all, if it fails.
         """
         pending = list(self._unpersisted)
-        await asyncio.gather(*(self.store.append(d, v, u) for d, v, u, _ in pending))
+        await asyncio.gather(
+            *(self.store.append(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history) for p in pending)
+        )
         del self._unpersisted[: len(pending)]
-        self._unpersisted_bytes = sum(len(u) for _, _, u, _ in self._unpersisted)
-        for d, _, u, local in pending:
-            if local:  # durable at last: now peers may have it
-                self._send(d, u, exclude=None)
+        self._unpersisted_bytes = sum(len(p.update) for p in self._unpersisted)
+        for p in pending:
+            self._durable(p)
+            if p.local:  # durable at last: now peers may have it
+                self._send(p.doc_id, p.update, exclude=None)
         return len(pending)
 
     async def flush_unpersisted(self) -> bool:
@@ -740,38 +827,83 @@ class Mesh:
 
     # -- contexts and local writes ---------------------------------------------------
 
-    def _context(self, doc_id: DocId, *, create: bool) -> Context:
+    def _context(self, doc_id: DocId, *, create: bool, lineage: str | None = None) -> Context:
+        """
+        Return a context; with ``create``, make it if missing, with ``lineage`` (a peer's, when
+        its sync step 1 brings the context here) or a new one (created here).
+
+        Raises:
+            NotFound: It is missing and ``create`` is false.
+            EntryError: The name is not a valid context name.
+        """
         ctx = self.contexts.get(doc_id)
         if ctx is None:
             if not create:
                 raise NotFound(f"no context {doc_id!r}")
             if not is_valid_doc_id(doc_id):
                 raise EntryError(f"invalid context name {doc_id!r}: use 1-128 of A-Z a-z 0-9 . _ - :")
-            ctx = self.contexts[doc_id] = Context(doc_id, self.node_id, self.clock)
-            log.info("context.created", doc_id=doc_id)
-            # A new context starts empty and from now on every change to it travels live to
-            # each open session sharing it: those sessions are in sync for it already.
+            ctx = self.contexts[doc_id] = Context(doc_id, self.node_id, self.clock, lineage=lineage or new_lineage())
+            log.info("context.created", doc_id=doc_id, lineage=ctx.lineage, origin="peer" if lineage else "local")
+            # Tell each open session sharing it, before any content: the step 1 names the lineage.
             for st in self.peers.values():
                 if st.session is not None and st.session.is_open and st.config.shares(doc_id):
-                    st.session.synced[doc_id] = True
+                    st.session.send_step1(doc_id, ctx.doc.get_state(), ctx.lineage)
         return ctx
 
-    def _committed(self, ctx: Context, update: bytes, *, exclude: NodeId | None, send: bool = True) -> None:
-        """Count a new version, tell watchers, and (with ``send``) send ``update`` to the peers sharing the context."""
+    def _committed(
+        self, ctx: Context, update: bytes, *, exclude: NodeId | None, origin: str, send: bool = True, tag: object = None
+    ) -> _Pending:
+        """
+        Count a new version, record its history, tell watchers and raw-update subscribers, and
+        (with ``send``) send ``update`` to the peers sharing the context.
+
+        Args:
+            origin: Who applied it here: a peer's node id, or this node's for local writes.
+            tag: Passed to raw-update subscribers (a Yjs connection skips its own updates).
+
+        Returns:
+            What to hand to the store: the update with its history records.
+        """
         ctx.version += 1
-        for ch in ctx.entries.pop_changes():
-            change = Change(ctx.doc_id, ch.key, ch.value, ch.writer or "", ctx.version)
+        now_ms = time.time_ns() // 1_000_000
+        changes = ctx.entries.pop_changes()
+        limit = self.config.contexts.history_limit
+        first = max(0, len(changes) - limit)  # older records of one huge version would be dropped anyway
+        history: list[tuple[int, dict[str, Any]]] = []
+        for idx, ch in enumerate(changes):
+            writer = ch.writer or origin
+            change = Change(ctx.doc_id, ch.key, ch.value, writer, ctx.version, ch.previous, ch.t)
             for sub in self._subs:
                 sub.offer(change)
+            if idx >= first:
+                history.append(
+                    (idx, {"t_ms": now_ms, "origin": writer, "key": ch.key, "value": ch.value,
+                           "previous": ch.previous, "hlc": ch.t})
+                )  # fmt: skip
+        for key in ctx.entries.pop_new_conflicts():
+            entry = ctx.entries.get(key)
+            log.warning(
+                "context.conflict",
+                doc_id=ctx.doc_id,
+                key=key,
+                writers=[entry.writer, *(s.writer for s in entry.conflicts)] if entry else [],
+                version=ctx.version,
+            )
+        for fn in list(self._update_subs.get(ctx.doc_id, {}).values()):
+            fn(update, tag)
+        for hook in self.on_version:
+            hook(ctx)
         if send:
             self._send(ctx.doc_id, update, exclude=exclude)
+        return _Pending(ctx.doc_id, ctx.version, update, ctx.lineage, history, local=origin == self.node_id)
 
     def _send(self, doc_id: DocId, update: bytes, *, exclude: NodeId | None) -> None:
-        """Queue ``update`` for every open session sharing ``doc_id``, except ``exclude``'s."""
+        """Queue ``update`` for every open session sharing ``doc_id`` (and its lineage), except ``exclude``'s."""
+        ctx = self.contexts.get(doc_id)
         for pid, st in self.peers.items():
             if pid == exclude or st.session is None or not st.session.is_open:
                 continue
-            if st.config.shares(doc_id):
+            if st.config.shares(doc_id) and (ctx is None or self._lineage_matches(st, ctx)):
                 st.session.send_update(doc_id, update)
                 self.updates_sent += 1
 
@@ -817,14 +949,94 @@ class Mesh:
         # Watchers here see the change at once; peers only once it is durable, so nothing
         # of this node's own that a crash could still lose ever leaves it (after a restart
         # a new Yjs client id would otherwise race the lost write for the same slot).
-        self._committed(ctx, update, exclude=None, send=False)
+        pending = self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
         version = ctx.version
-        failed = await self._store_then_send(doc_id, version, update)
+        failed = await self._store_then_send(pending)
         if failed is not None:
             raise StoreError(
                 f"write not acknowledged: the store failed ({failed}); the change stays in memory and is retried"
             )
         return version, changed
+
+    # -- raw Yjs access (the /yjs endpoint) ----------------------------------------------
+
+    def open_context(self, doc_id: DocId) -> pycrdt.Doc[Any]:
+        """
+        Return a context's document, creating the context (empty, new lineage) if missing.
+
+        The document is for reading only (``get_state``, ``get_update``): change it through
+        :meth:`apply_client_update` or :meth:`write`.
+
+        Raises:
+            EntryError: ``doc_id`` is not a valid context name.
+        """
+        return self._context(doc_id, create=True).doc
+
+    def subscribe_updates(self, doc_id: DocId, fn: Callable[[bytes, object], None]) -> int:
+        """
+        Call ``fn(update, tag)`` with every update that changes ``doc_id`` from now on (local
+        writes, peers' updates, Yjs clients'), on the event loop, right after it is applied.
+        ``tag`` is what :meth:`apply_client_update` was given, else ``None``. ``fn`` must not
+        block or raise.
+
+        Returns:
+            A handle for :meth:`unsubscribe_updates`.
+        """
+        handle = id(fn) ^ secrets.randbits(48)
+        self._update_subs.setdefault(doc_id, {})[handle] = fn
+        return handle
+
+    def unsubscribe_updates(self, doc_id: DocId, handle: int) -> None:
+        """Stop a :meth:`subscribe_updates` subscription (no error if already stopped)."""
+        subs = self._update_subs.get(doc_id)
+        if subs is not None:
+            subs.pop(handle, None)
+            if not subs:
+                del self._update_subs[doc_id]
+
+    async def apply_client_update(self, doc_id: DocId, update: bytes, *, tag: object = None) -> int:
+        """
+        Apply a Yjs v1 update from a local Yjs client (the /yjs endpoint) as a local change:
+        checked like a peer's update (the entries root may hold only well-formed entries;
+        other root types are free), applied, stored, then sent to the peers.
+
+        Args:
+            tag: Given back to :meth:`subscribe_updates` callbacks, so a client can skip its own echo.
+
+        Returns:
+            The context's version after it (unchanged if the update brought nothing new).
+
+        Raises:
+            EntryError: The update is malformed, too large, builds on structs this node lacks,
+                or the context is being rebuilt.
+            StoreError: The store could not commit it (it is kept and retried).
+        """
+        ctx = self._context(doc_id, create=True)
+        if ctx.rebuilding:
+            raise EntryError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
+        state = decode_state_vector(ctx.doc.get_state())
+        try:
+            check_update(update, entries_root=ENTRIES_ROOT, max_bytes=self.config.sync.max_message_bytes, state=state)
+        except MissingDependencies:
+            raise EntryError("the update builds on changes this node does not have; sync step 1 first") from None
+        except InvalidUpdate as exc:
+            raise EntryError(f"update refused: {exc.reason}") from None
+        try:
+            with ctx.doc.transaction(origin="yjs"):
+                ctx.doc.apply_update(update)
+        except BaseException as exc:
+            _reraise_fatal(exc)
+            ctx.take_update()
+            self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
+            raise EntryError(f"update refused: {type(exc).__name__}: {exc}") from None
+        new = ctx.take_update()
+        if new is None:
+            return ctx.version
+        pending = self._committed(ctx, new, exclude=None, send=False, origin=self.node_id, tag=tag)
+        failed = await self._store_then_send(pending)
+        if failed is not None:
+            raise StoreError(f"update not acknowledged: the store failed ({failed}); it stays in memory and is retried")
+        return pending.version
 
     def get(self, doc_id: DocId, key: str) -> Entry:
         """Return the entry, or raise NotFound."""

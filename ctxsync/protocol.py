@@ -128,10 +128,10 @@ class PeerProtocol:
         if self.closing:
             raise InvalidState("session is closing: cannot send")
 
-    def send_step1(self, doc_id: DocId, state_vector: bytes) -> None:
-        """Queue sync step 1 (``state_vector`` from ``Doc.get_state()``) for ``doc_id``."""
+    def send_step1(self, doc_id: DocId, state_vector: bytes, lineage: str = "") -> None:
+        """Queue sync step 1 (``state_vector`` from ``Doc.get_state()``, the context's ``lineage``) for ``doc_id``."""
         self._check_can_send()
-        self._out.append(encode(SyncStep1(doc_id, state_vector)))
+        self._out.append(encode(SyncStep1(doc_id, state_vector, lineage)))
 
     def send_step2(self, doc_id: DocId, update: bytes) -> None:
         """Queue sync step 2, split into CHUNK frames if it exceeds one frame."""

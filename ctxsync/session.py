@@ -108,6 +108,8 @@ class PeerSession:
         self.is_open = False
         """True between the Hello exchange and the close."""
         self.remote_state_vectors: dict[DocId, bytes] = {}
+        self.lineage_reported: dict[DocId, str] = {}
+        """Per context, the differing peer lineage already logged (once per session)."""
         """Last state vector the peer sent per context (its sync step 1)."""
         self.synced: dict[DocId, bool] = {}
         """Per context: True once our sync step 1 was answered by the peer's step 2."""
@@ -122,11 +124,11 @@ class PeerSession:
 
     # -- queueing (called by the mesh; never blocks) ------------------------------------
 
-    def send_step1(self, doc_id: DocId, state_vector: bytes) -> None:
-        """Queue sync step 1 for ``doc_id``."""
+    def send_step1(self, doc_id: DocId, state_vector: bytes, lineage: str = "") -> None:
+        """Queue sync step 1 for ``doc_id`` (``lineage``: this node's lineage id of it, empty if it has none)."""
         self.step1_sent_at[doc_id] = time.monotonic()
         self.synced[doc_id] = False
-        self._queue("step1", doc_id, [state_vector])
+        self._queue("step1", doc_id, [state_vector, lineage.encode()])
 
     def send_step2(self, doc_id: DocId, update: bytes) -> None:
         """Queue sync step 2 (the update the peer's state vector misses)."""
@@ -295,7 +297,7 @@ class PeerSession:
                     return self.close_reason
                 assert doc_id is not None
                 if kind == "step1":
-                    self.protocol.send_step1(doc_id, payload[0])
+                    self.protocol.send_step1(doc_id, payload[0], payload[1].decode())
                 elif kind == "step2":
                     self.protocol.send_step2(doc_id, payload[0])
                 elif kind == "update":

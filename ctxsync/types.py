@@ -21,7 +21,7 @@ SessionId = NewType("SessionId", str)
 Origin: TypeAlias = NodeId | Literal["local"]
 """Who made a change: a peer's node id, or ``"local"`` for this node's own writes."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Version of the peer wire protocol (docs/protocol.md). Sent in ``Hello``."""
 
 ENTRIES_ROOT = "entries"

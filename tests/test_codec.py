@@ -122,7 +122,8 @@ def test_message_types_are_stable() -> None:
 def test_encoding_matches_the_documented_layout() -> None:
     """Every field is a varuint, varbytes or varstring, in the documented order."""
     assert encode(Hello(1, "n", "é")) == b"\x00\x01" + varbytes(b"n") + varbytes("é".encode())
-    assert encode(SyncStep1(D, b"sv")) == b"\x01" + varbytes(b"notes") + varbytes(b"sv")
+    assert encode(SyncStep1(D, b"sv")) == b"\x01" + varbytes(b"notes") + varbytes(b"sv") + varbytes(b"")
+    assert encode(SyncStep1(D, b"sv", "L1")) == b"\x01" + varbytes(b"notes") + varbytes(b"sv") + varbytes(b"L1")
     assert encode(SyncStep2(D, b"up")) == b"\x02" + varbytes(b"notes") + varbytes(b"up")
     assert encode(SyncUpdate(D, (b"u", b""))) == b"\x03" + varbytes(b"notes") + b"\x02\x01u\x00"
     assert encode(Chunk(True, b"p")) == b"\x04\x01\x01p"
