@@ -958,6 +958,65 @@ class Mesh:
             )
         return version, changed
 
+    async def adopt(self, doc_id: DocId, peer_id: NodeId) -> dict[str, Any]:
+        """
+        Settle a lineage mismatch by taking the peer's lineage of a context (``ctxsync context
+        adopt``): this node's own content of the context is dropped (take a snapshot first), the
+        context restarts empty under the peer's lineage and is synced from every peer that has
+        that lineage. Versions, history and snapshots stay.
+
+        Returns:
+            ``{"context", "lineage", "from", "dropped_entries"}``.
+
+        Raises:
+            NotFound: ``peer_id`` is not a paired peer.
+            EntryError: The peer has not announced the context (connect first), or the
+                lineages already match.
+            StoreError: The store could not commit the reset (nothing changed).
+        """
+        st = self.peers.get(peer_id)
+        if st is None:
+            raise NotFound(f"no paired peer {peer_id!r}")
+        lineage = st.remote_lineage.get(doc_id)
+        if lineage is None:
+            raise EntryError(
+                f"{st.config.name} has not announced context {doc_id!r} yet; connect to it first (ctxsync status)"
+            )
+        old = self.contexts.get(doc_id)
+        if old is not None and old.lineage == lineage:
+            raise EntryError(f"context {doc_id!r} already has {st.config.name}'s lineage: nothing to adopt")
+        version = old.version if old is not None else 0
+        await self.store.reset_context(doc_id, lineage, version)
+        old = self.contexts.get(doc_id)  # the await let other work run
+        dropped = len(old.entries) if old is not None else 0
+        fresh = Context(doc_id, self.node_id, self.clock, version=old.version if old else version, lineage=lineage)
+        if old is not None:
+            old.close()
+        self.contexts[doc_id] = fresh
+        log.warning(
+            "context.adopted", doc_id=doc_id, peer_id=peer_id, lineage=lineage, dropped_entries=dropped,
+            old_lineage=old.lineage if old else None,
+        )  # fmt: skip
+        for other in self.peers.values():
+            s = other.session
+            if s is not None and s.is_open and other.config.shares(doc_id):
+                s.lineage_reported.pop(doc_id, None)
+                s.send_step1(doc_id, fresh.doc.get_state(), lineage)
+        return {"context": doc_id, "lineage": lineage, "from": peer_id, "dropped_entries": dropped}
+
+    def lineage_mismatches(self) -> list[dict[str, Any]]:
+        """Every (peer, context) whose lineages differ: ``{"context", "peer_id", "peer_name", "lineage", "peer_lineage"}``."""
+        found = []
+        for pid, st in self.peers.items():
+            for doc_id, theirs in sorted(st.remote_lineage.items()):
+                ctx = self.contexts.get(doc_id)
+                if ctx is not None and theirs != ctx.lineage and st.config.shares(doc_id):
+                    found.append(
+                        {"context": doc_id, "peer_id": pid, "peer_name": st.config.name,
+                         "lineage": ctx.lineage, "peer_lineage": theirs}
+                    )  # fmt: skip
+        return found
+
     # -- raw Yjs access (the /yjs endpoint) ----------------------------------------------
 
     def open_context(self, doc_id: DocId) -> pycrdt.Doc[Any]:
@@ -1093,6 +1152,11 @@ class Mesh:
             shared = [d for d in sorted(self.contexts) if st.config.shares(d)]
             contexts: dict[str, Any] = {}
             for d in shared:
+                theirs = st.remote_lineage.get(d)
+                if theirs is not None and theirs != self.contexts[d].lineage:
+                    since = st.out_of_sync_since.setdefault(d, now)
+                    contexts[d] = {"in_sync": False, "out_of_sync_s": round(now - since, 3), "lineage_mismatch": True}
+                    continue
                 in_sync = bool(s and open_ and s.synced.get(d, False) and s.queued_bytes == 0)
                 if in_sync:
                     st.out_of_sync_since.pop(d, None)
@@ -1128,7 +1192,17 @@ class Mesh:
         return {
             "node_id": self.node_id,
             "name": self.config.name,
-            "contexts": {d: {"entries": len(c.entries), "version": c.version} for d, c in sorted(self.contexts.items())},
+            "contexts": {
+                d: {
+                    "entries": len(c.entries),
+                    "version": c.version,
+                    "lineage": c.lineage,
+                    "strategy": c.entries.strategy.to_json(),
+                    "conflicts": len(c.entries.conflicts()),
+                }
+                for d, c in sorted(self.contexts.items())
+            },
+            "lineage_mismatches": self.lineage_mismatches(),
             "peers": peers,
         }
 

@@ -318,7 +318,7 @@ class MeshNet:
         assert store is not None
         hang: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        async def never_commits(doc_id: DocId, version: int, update: bytes) -> None:
+        async def never_commits(doc_id: DocId, version: int, update: bytes, **_: Any) -> None:
             await hang
 
         store.append = never_commits  # type: ignore[method-assign]  # instance patch, this store only

@@ -12,7 +12,7 @@ import pytest
 from ctxsync.config import NodeConfig, PeerConfig, SyncConfig
 from ctxsync.crypto import generate_identity
 from ctxsync.mesh import Mesh, backoff, is_retryable
-from ctxsync.errors import HandshakeRejected, NotFound, PeerUnreachable
+from ctxsync.errors import EntryError, HandshakeRejected, NotFound, PeerUnreachable
 from ctxsync.store import Store
 from ctxsync.types import DocId, NodeId
 from tests.helpers import MS, channel_pair, wait_until
@@ -137,16 +137,57 @@ async def test_reconnect_catches_up_by_state_vector(make: Callable[[str], Node])
     na, nb = make("a"), make("b")
     a = await na.open([nb])
     b = await nb.open([na])
+    tasks = link(a, b)
+    await a.write(DocId("ctx"), [("seed", "0")])  # one lineage: the context starts on a
+    await wait_until(lambda: value(b, "ctx", "seed") == "0", T)
+    for t in tasks:
+        t.cancel()
+    await wait_until(lambda: not connected(a, b), T)
     await a.write(DocId("ctx"), [(f"a{i}", str(i)) for i in range(50)])
     await b.write(DocId("ctx"), [("b", '"only-b"')])
     await b.write(DocId("other"), [("o", "true")])
     link(a, b)
     await wait_until(lambda: value(b, "ctx", "a49") == "49" and value(a, "other", "o") == "true", T)
+    assert value(a, "ctx", "b") == '"only-b"'
+    assert a.contexts[DocId("ctx")].lineage == b.contexts[DocId("ctx")].lineage
     await wait_until(lambda: all(c["in_sync"] for c in a.status()["peers"][0]["contexts"].values()), T)
     assert a.keys(DocId("ctx")) == b.keys(DocId("ctx"))
     # Same state: neither misses anything of the other (the encodings may order clients differently).
     da, db = a.contexts[DocId("ctx")].doc, b.contexts[DocId("ctx")].doc
     assert da.get_update(db.get_state()) == b"\x00\x00" and db.get_update(da.get_state()) == b"\x00\x00"
+
+
+async def test_contexts_created_apart_do_not_merge_until_adopted(make: Callable[[str], Node]) -> None:
+    """Two nodes that made the same context name independently keep them apart until one adopts the other's."""
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    await a.write(DocId("ctx"), [("k", '"from-a"'), ("a-only", "1")])
+    await b.write(DocId("ctx"), [("k", '"from-b"')])
+    await b.write(DocId("fresh"), [("x", "1")])  # made on b only: syncs as usual
+    link(a, b)
+    await wait_until(lambda: value(a, "fresh", "x") == "1", T)
+    await wait_until(lambda: len(a.lineage_mismatches()) == 1 and len(b.lineage_mismatches()) == 1, T)
+    mismatch = a.lineage_mismatches()[0]
+    assert mismatch["context"] == "ctx" and mismatch["peer_id"] == nb.node_id
+    assert mismatch["peer_lineage"] == b.contexts[DocId("ctx")].lineage != a.contexts[DocId("ctx")].lineage
+    assert a.status()["peers"][0]["contexts"]["ctx"]["lineage_mismatch"] is True
+    session = a.peers[nb.node_id].session
+    assert session is not None
+    sent = session.stats.sent_updates
+    await a.write(DocId("ctx"), [("k", '"again-a"')])  # sent (after the commit) before write() returns
+    assert session.stats.sent_updates == sent and session.queued_bytes == 0  # live updates do not cross either
+    assert value(b, "ctx", "k") == '"from-b"' and value(b, "ctx", "a-only") is None
+    with pytest.raises(EntryError):
+        await b.adopt(DocId("fresh"), na.node_id)  # a has fresh's lineage already from b: nothing to adopt
+    result = await b.adopt(DocId("ctx"), na.node_id)
+    assert result["dropped_entries"] == 1 and result["lineage"] == a.contexts[DocId("ctx")].lineage
+    await wait_until(lambda: value(b, "ctx", "k") == '"again-a"' and value(b, "ctx", "a-only") == "1", T)
+    assert a.lineage_mismatches() == [] and b.lineage_mismatches() == []
+    await b.write(DocId("ctx"), [("k", '"b-after"')])
+    await wait_until(lambda: value(a, "ctx", "k") == '"b-after"', T)
+    # The adopted context survives a restart with its new lineage and a version that never went back.
+    assert b.contexts[DocId("ctx")].version >= 2
 
 
 async def test_unknown_channel_is_closed(make: Callable[[str], Node]) -> None:
