@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -37,7 +38,11 @@ from ctxsync import exposition, yjs
 from ctxsync.alerts import AlertRule
 from ctxsync.entries import Entry
 from ctxsync.errors import CtxSyncError, EntryError, NotFound, StoreError
+from ctxsync.entries import STRATEGIES, Strategy
 from ctxsync.mesh import Change, Mesh
+from ctxsync.recovery import Recovery, snapshot_json
+from ctxsync.store import HistoryRecord
+from ctxsync.types import NodeId
 from ctxsync.types import DocId, is_valid_doc_id
 
 log = structlog.get_logger("ctxsync.api")
@@ -46,6 +51,8 @@ YJS_PREFIX = "/yjs/"
 """Path prefix of the Yjs (y-websocket protocol) endpoint: ``/yjs/CONTEXT``."""
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+MAX_WATCH_BATCH = 1000
+"""Most changes in one ``watch`` batch message (``batch_ms``)."""
 
 
 def _dump_raw(obj: dict[str, Any], raw: dict[str, str]) -> str:
@@ -68,13 +75,38 @@ def _entry_json(entry: Entry, *, conflicts: bool = False) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-def _change_json(req_id: Any, change: Change) -> str:
-    value = change.value if change.value is not None else "null"
+def _raw(value_json: str | None) -> str:
+    return value_json if value_json is not None else "null"
+
+
+def _change_fields(change: Change) -> str:
     return (
-        "{" + f'"id":{json.dumps(req_id)},"event":"change","context":{json.dumps(change.context)},'
-        f'"key":{json.dumps(change.key)},"value":{value},"deleted":{"true" if change.value is None else "false"},'
-        f'"origin":{json.dumps(change.origin)},"version":{change.version}' + "}"
+        f'"context":{json.dumps(change.context)},"key":{json.dumps(change.key)},"value":{_raw(change.value)},'
+        f'"deleted":{"true" if change.value is None else "false"},"origin":{json.dumps(change.origin)},'
+        f'"version":{change.version},"previous":{_raw(change.previous)}'
     )
+
+
+def _change_json(req_id: Any, change: Change) -> str:
+    return "{" + f'"id":{json.dumps(req_id)},"event":"change",' + _change_fields(change) + "}"
+
+
+def _history_json(record: HistoryRecord) -> str:
+    r = record.record
+    t_ms = r.get("t_ms", 0)
+    return _dump_raw(
+        {"version": record.version, "t_ms": t_ms, "time": _iso_ms(t_ms), "origin": r.get("origin"), "key": r.get("key"),
+         "deleted": r.get("value") is None, "hlc": r.get("hlc")},
+        {"value": _raw(r.get("value")), "previous": _raw(r.get("previous"))},
+    )  # fmt: skip
+
+
+def _iso_ms(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _entries_json(entries: dict[str, str]) -> str:
+    return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in sorted(entries.items())) + "}"
 
 
 class Api:
@@ -92,6 +124,8 @@ class Api:
         allowed_hosts: Host header names accepted besides loopback ones (the API's own
             address when ``[api] allow_remote`` puts it on the LAN).
         alert_rules: The alert rules in force (shown at 0 in ``ctxsync_alerts_active``).
+        recovery: Snapshots and restore (the ``snapshot_*``, ``restore`` and ``adopt`` ops).
+        webhooks: The :class:`ctxsync.webhooks.WebhookDispatcher` (the ``webhook_*`` ops).
 
     Besides the websocket ops, ``GET /metrics`` (same token and Host checks) answers with the
     status in the Prometheus text format (:mod:`ctxsync.exposition`).
@@ -108,7 +142,11 @@ class Api:
         invite: Callable[[list[str], bool, float, str | None], Awaitable[dict[str, Any]]] | None = None,
         allowed_hosts: frozenset[str] = frozenset(),
         alert_rules: tuple[AlertRule, ...] = (),
+        recovery: Recovery | None = None,
+        webhooks: Any = None,
     ) -> None:
+        self.recovery = recovery
+        self.webhooks = webhooks
         self.mesh = mesh
         self.token = token
         self.status = status
@@ -274,17 +312,201 @@ class Api:
         ctx = req.get("context")
         if ctx is not None and not isinstance(ctx, str):
             raise _BadRequest("context must be a string")
-        sub = self.mesh.subscribe(DocId(ctx) if ctx else None, _str(req, "prefix", ""))
+        glob = req.get("glob")
+        if glob is not None and (not isinstance(glob, str) or not glob):
+            raise _BadRequest("glob must be a non-empty shell pattern such as 'tasks/*'")
+        batch_ms = req.get("batch_ms", 0)
+        if isinstance(batch_ms, bool) or not isinstance(batch_ms, int) or not 0 <= batch_ms <= 60_000:
+            raise _BadRequest("batch_ms must be an integer number of milliseconds from 0 to 60000")
+        prefix = _str(req, "prefix", "")
+        sub = self.mesh.subscribe(DocId(ctx) if ctx else None, prefix, glob=glob)
         try:
-            await conn.send(self._ok(req_id, {"watching": ctx, "prefix": _str(req, "prefix", "")}))
+            await conn.send(self._ok(req_id, {"watching": ctx, "prefix": prefix, "glob": glob, "batch_ms": batch_ms}))
             while True:
                 change = await sub.queue.get()
-                if change is None:
+                batch = [change]
+                if batch_ms and change is not None:
+                    deadline = asyncio.get_running_loop().time() + batch_ms / 1000
+                    while len(batch) < MAX_WATCH_BATCH and batch[-1] is not None:
+                        left = deadline - asyncio.get_running_loop().time()
+                        if left <= 0:
+                            break
+                        try:
+                            batch.append(await asyncio.wait_for(sub.queue.get(), left))
+                        except TimeoutError:
+                            break
+                changes = [c for c in batch if c is not None]
+                if batch_ms and changes:
+                    body = ",".join("{" + _change_fields(c) + "}" for c in changes)
+                    await conn.send("{" + f'"id":{json.dumps(req_id)},"event":"changes","changes":[{body}]' + "}")
+                elif changes:
+                    await conn.send(_change_json(req_id, changes[0]))
+                if batch[-1] is None:
                     await conn.send(json.dumps({"id": req_id, "event": "overflow" if sub.overflowed else "end"}))
                     return
-                await conn.send(_change_json(req_id, change))
         finally:
             self.mesh.unsubscribe(sub)
+
+    # -- history, changes, conflicts, strategy -------------------------------------------------
+
+    async def _op_history(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        doc_id = _doc_id(req)
+        key = req.get("key")
+        if key is not None and not isinstance(key, str):
+            raise _BadRequest("key must be a string")
+        since = _opt_int(req, "since", minimum=0)
+        limit = _opt_int(req, "limit", minimum=1) or 100
+        page = await self.mesh.store.read_history(doc_id, since=since, key=key, limit=min(limit, 100_000))
+        ctx = self.mesh.contexts.get(doc_id)
+        body = ",".join(_history_json(r) for r in page.records)
+        head = {"context": doc_id, "version": ctx.version if ctx else 0, "history_from": page.history_from}
+        return self._ok(req_id, raw=_dump_raw(head, {"records": f"[{body}]"}))
+
+    async def _op_changes(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        """A pull cursor: the changes after version ``since``, whole versions only, never skipping one."""
+        doc_id = _doc_id(req)
+        since = _opt_int(req, "since", minimum=0) or 0
+        limit = _opt_int(req, "limit", minimum=1) or 1000
+        store = self.mesh.store
+        page = await store.read_history(doc_id, since=since, limit=limit + 1)
+        records = page.records
+        if len(records) > limit:
+            last = records[limit].version
+            kept = [r for r in records[:limit] if r.version != last]
+            if not kept:  # one version alone is larger than the limit: return all of it
+                whole = await store.read_history(doc_id, since=last - 1, limit=store.history_limit + 1)
+                kept = [r for r in whole.records if r.version == last]
+            records = kept
+        ctx = self.mesh.contexts.get(doc_id)
+        version = ctx.version if ctx else 0
+        truncated = since + 1 < page.history_from and since < version
+        # The cursor moves to the last version returned, never further: the in-memory version
+        # may be ahead of what the store has committed, and skipping it would lose changes.
+        cursor = records[-1].version if records else since
+        head = {
+            "context": doc_id, "since": since, "next": cursor, "version": version,
+            "history_from": page.history_from, "truncated": truncated,
+            "missed": [since + 1, page.history_from - 1] if truncated else None,
+        }  # fmt: skip
+        body = ",".join(_history_json(r) for r in records)
+        return self._ok(req_id, raw=_dump_raw(head, {"changes": f"[{body}]"}))
+
+    async def _op_resolve(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        doc_id = _doc_id(req)
+        key = _str(req, "key", "")
+        value = req.get("value")
+        if not isinstance(value, str):
+            raise _BadRequest("value must be JSON text")
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            raise _BadRequest(f"value is not JSON text: {exc}") from None
+        entry = self.mesh.get(doc_id, key)
+        if not entry.conflicts:
+            raise _BadRequest(f"{key!r} in {doc_id!r} has no conflict to resolve; use set")
+        version, _ = await self.mesh.write(doc_id, [(key, value)])
+        log.info("context.resolved", doc_id=doc_id, key=key, version=version, replaced=1 + len(entry.conflicts))
+        return self._ok(req_id, {"version": version, "replaced": 1 + len(entry.conflicts)})
+
+    async def _op_strategy(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        doc_id = _doc_id(req)
+        name = req.get("name")
+        if name is None:
+            ctx = self.mesh.contexts.get(doc_id)
+            if ctx is None:
+                raise NotFound(f"no context {doc_id!r}")
+            return self._ok(req_id, ctx.entries.strategy.to_json())
+        if name not in STRATEGIES:
+            raise _BadRequest(f"name must be one of {', '.join(STRATEGIES)}")
+        priority = req.get("priority", [])
+        if not isinstance(priority, list) or not all(isinstance(p, str) and p for p in priority):
+            raise _BadRequest("priority must be a list of node ids")
+        if name == "origin-priority" and not priority:
+            raise _BadRequest("origin-priority needs a priority list of node ids, most preferred first")
+        strategy = Strategy(name, tuple(NodeId(p) for p in priority))
+        version = await self.mesh.set_strategy(doc_id, strategy)
+        return self._ok(req_id, {**strategy.to_json(), "version": version})
+
+    # -- snapshots, restore, adopt ------------------------------------------------------------
+
+    def _recovery(self) -> Recovery:
+        if self.recovery is None:
+            raise _BadRequest("this daemon does not keep snapshots")
+        return self.recovery
+
+    async def _op_snapshot_create(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        label = req.get("label")
+        if label is not None and not isinstance(label, str):
+            raise _BadRequest("label must be a string")
+        return self._ok(req_id, await self._recovery().create(_doc_id(req), label=label, meta=req.get("meta")))
+
+    async def _op_snapshot_list(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        ctx = req.get("context")
+        if ctx is not None and not isinstance(ctx, str):
+            raise _BadRequest("context must be a string")
+        return self._ok(req_id, await self._recovery().list(DocId(ctx) if ctx else None))
+
+    async def _op_snapshot_show(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        snap = await self._recovery().get(_str(req, "snapshot", ""))
+        assert snap.entries is not None
+        return self._ok(req_id, raw=_dump_raw(snapshot_json(snap), {"content": _entries_json(snap.entries)}))
+
+    async def _op_snapshot_diff(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        other = req.get("other")
+        if other is not None and not isinstance(other, str):
+            raise _BadRequest("other must be a snapshot id")
+        d = await self._recovery().diff(_str(req, "snapshot", ""), other)
+        changed = "{" + ",".join(f"{json.dumps(k)}:{{\"from\":{a},\"to\":{b}}}" for k, (a, b) in d["changed"].items()) + "}"
+        return self._ok(
+            req_id,
+            raw=_dump_raw(
+                {"context": d["context"], "from": d["from"], "to": d["to"]},
+                {"added": _entries_json(d["added"]), "removed": _entries_json(d["removed"]), "changed": changed},
+            ),
+        )
+
+    async def _op_snapshot_delete(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        await self._recovery().delete(_str(req, "snapshot", ""))
+        return self._ok(req_id, {"deleted": True})
+
+    async def _op_restore(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        return self._ok(req_id, await self._recovery().restore(_doc_id(req), _str(req, "snapshot", "")))
+
+    async def _op_adopt(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        peer = _str(req, "peer", "")
+        matches = [pid for pid, st in self.mesh.peers.items() if peer in (pid, st.config.name) or (len(peer) >= 7 and pid.startswith(peer))]
+        if len(matches) != 1:
+            raise NotFound(f"no single paired peer matches {peer!r} (give its node id or name)")
+        return self._ok(req_id, await self._recovery().adopt(_doc_id(req), matches[0]))
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def _webhooks(self) -> Any:
+        if self.webhooks is None:
+            raise _BadRequest("this daemon does not run webhooks")
+        return self.webhooks
+
+    async def _op_webhook_add(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        secret = req.get("secret")
+        if secret is not None and (not isinstance(secret, str) or not secret):
+            raise _BadRequest("secret must be a non-empty string")
+        hook = await self._webhooks().add(_doc_id(req), _str(req, "url", ""), prefix=_str(req, "prefix", ""), secret=secret)
+        return self._ok(req_id, hook)
+
+    async def _op_webhook_list(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        return self._ok(req_id, await self._webhooks().list())
+
+    async def _op_webhook_remove(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        webhook_id = _str(req, "webhook", "")
+        if not await self._webhooks().remove(webhook_id):
+            raise NotFound(f"no webhook {webhook_id!r} (see ctxsync webhook list)")
+        return self._ok(req_id, {"removed": webhook_id})
+
+    async def _op_webhook_failures(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        webhook_id = req.get("webhook")
+        if webhook_id is not None and not isinstance(webhook_id, str):
+            raise _BadRequest("webhook must be a webhook id")
+        return self._ok(req_id, await self._webhooks().failures(webhook_id))
 
     async def _op_reload_peers(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
         return self._ok(req_id, {"peers": await self.reload_peers()})
@@ -344,6 +566,15 @@ def _str(req: dict[str, Any], name: str, default: str) -> str:
     v = req.get(name, default)
     if not isinstance(v, str):
         raise _BadRequest(f"{name} must be a string")
+    return v
+
+
+def _opt_int(req: dict[str, Any], name: str, *, minimum: int) -> int | None:
+    v = req.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise _BadRequest(f"{name} must be an integer >= {minimum}")
     return v
 
 

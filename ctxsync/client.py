@@ -221,15 +221,54 @@ class Client:
         return int((await self.request("reload_peers"))["peers"])
 
     async def watch(
-        self, context: str | None, prefix: str = "", *, on_ready: Callable[[], None] | None = None
+        self,
+        context: str | None,
+        prefix: str = "",
+        *,
+        glob: str | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """
-        Yield one dict per change (``context, key, value, deleted, origin, version``) until the daemon stops.
+        Yield one dict per change (``context, key, value, deleted, origin, version, previous``)
+        until the daemon stops.
 
-        ``on_ready`` is called once the daemon has confirmed the subscription: no change
-        made after that call is missed.
+        Args:
+            context: Only this context (``None``: all).
+            prefix: Only keys starting with it.
+            glob: Only keys matching this shell pattern (``fnmatch``: ``*``, ``?``, ``[seq]``).
+            on_ready: Called once the daemon has confirmed the subscription: no change made
+                after that call is missed.
+
+        Raises:
+            ApiError: ``code="overflow"`` if the watcher fell more than 10,000 changes behind.
         """
-        rid, fut = await self._send("watch", {"context": context, "prefix": prefix})
+        async for batch in self._watch(context, prefix, glob, 0, on_ready):
+            for change in batch:
+                yield change
+
+    async def watch_batches(
+        self,
+        context: str | None,
+        prefix: str = "",
+        *,
+        glob: str | None = None,
+        batch_ms: int = 100,
+        on_ready: Callable[[], None] | None = None,
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """
+        As :meth:`watch`, but yield lists: the changes of up to ``batch_ms`` milliseconds after
+        the first one of each batch (at most 1,000 per list).
+        """
+        async for batch in self._watch(context, prefix, glob, batch_ms, on_ready):
+            yield batch
+
+    async def _watch(
+        self, context: str | None, prefix: str, glob: str | None, batch_ms: int, on_ready: Callable[[], None] | None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        fields: dict[str, Any] = {"context": context, "prefix": prefix, "batch_ms": batch_ms}
+        if glob is not None:
+            fields["glob"] = glob
+        rid, fut = await self._send("watch", fields)
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._streams[rid] = q
         try:
@@ -242,8 +281,109 @@ class Client:
                     return
                 if msg.get("event") == "overflow":
                     raise ApiError("watch fell behind and was dropped by the daemon", code="overflow")
+                if msg.get("event") == "changes":
+                    yield list(msg.get("changes", []))
+                    continue
                 msg.pop("id", None)
                 msg.pop("event", None)
-                yield msg
+                yield [msg]
         finally:
             self._streams.pop(rid, None)
+
+    # -- history, changes, conflicts ---------------------------------------------------
+
+    async def history(
+        self, context: str, *, key: str | None = None, since: int | None = None, limit: int = 100
+    ) -> dict[str, Any]:
+        """
+        A context's recorded changes, oldest first: the newest ``limit`` ones, or (with
+        ``since``) the oldest ``limit`` after that version.
+
+        Returns:
+            ``{"context", "version", "history_from", "records": [{"version", "t_ms", "time",
+            "origin", "key", "value", "previous", "deleted", "hlc"}]}``.
+        """
+        fields: dict[str, Any] = {"context": context, "limit": limit}
+        if key is not None:
+            fields["key"] = key
+        if since is not None:
+            fields["since"] = since
+        return dict(await self.request("history", **fields))
+
+    async def changes(self, context: str, since: int = 0, *, limit: int = 1000) -> dict[str, Any]:
+        """
+        Pull the changes after version ``since`` (a cursor that never skips one): whole
+        versions only, at most about ``limit`` records.
+
+        Returns:
+            ``{"context", "since", "next", "version", "history_from", "truncated", "missed",
+            "changes": [...]}``; pass ``next`` as the next ``since``. ``truncated`` is true when
+            changes after ``since`` have already left the bounded history (``missed`` gives
+            the versions lost): read the whole context again then.
+        """
+        return dict(await self.request("changes", context=context, since=since, limit=limit))
+
+    async def resolve(self, context: str, key: str, value_json: str) -> dict[str, Any]:
+        """
+        Settle a conflict on ``key`` by writing ``value_json`` over every concurrent value.
+
+        Returns:
+            ``{"version", "replaced"}``. Raises ApiError ``bad_request`` if there is no conflict.
+        """
+        return dict(await self.request("resolve", context=context, key=key, value=value_json))
+
+    async def strategy(self, context: str) -> dict[str, Any]:
+        """Return the context's conflict strategy: ``{"name", "priority"}``."""
+        return dict(await self.request("strategy", context=context))
+
+    async def set_strategy(self, context: str, name: str, priority: list[str] | None = None) -> dict[str, Any]:
+        """Set the strategy (``latest-wins`` or ``origin-priority`` with node ids, most preferred first)."""
+        return dict(await self.request("strategy", context=context, name=name, priority=priority or []))
+
+    # -- snapshots and restore ---------------------------------------------------------
+
+    async def snapshot(self, context: str, *, label: str | None = None, meta: Any = None) -> dict[str, Any]:
+        """Take a named snapshot; return ``{"id", "context", "time", "version", "label", "meta", ...}``."""
+        return dict(await self.request("snapshot_create", context=context, label=label, meta=meta))
+
+    async def snapshots(self, context: str | None = None) -> list[dict[str, Any]]:
+        """List the snapshots (of one context, or all), oldest first."""
+        return list(await self.request("snapshot_list", context=context))
+
+    async def snapshot_show(self, snapshot_id: str) -> dict[str, Any]:
+        """One snapshot with ``"content"``: the context as it was, ``{key: value}``."""
+        return dict(await self.request("snapshot_show", snapshot=snapshot_id))
+
+    async def snapshot_diff(self, snapshot_id: str, other_id: str | None = None) -> dict[str, Any]:
+        """``{"added", "removed", "changed": {key: {"from", "to"}}}`` from a snapshot to another, or to now."""
+        return dict(await self.request("snapshot_diff", snapshot=snapshot_id, other=other_id))
+
+    async def snapshot_delete(self, snapshot_id: str) -> None:
+        """Delete a snapshot (NotFound if there is none)."""
+        await self.request("snapshot_delete", snapshot=snapshot_id)
+
+    async def restore(self, context: str, snapshot_id: str) -> dict[str, Any]:
+        """Make the context equal to a snapshot as one write: ``{"version", "changed", "recovery_point"}``."""
+        return dict(await self.request("restore", context=context, snapshot=snapshot_id))
+
+    async def adopt(self, context: str, peer: str) -> dict[str, Any]:
+        """Take a peer's lineage of a context after a lineage mismatch (drops this node's own content)."""
+        return dict(await self.request("adopt", context=context, peer=peer))
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    async def webhook_add(self, context: str, url: str, *, prefix: str = "", secret: str | None = None) -> dict[str, Any]:
+        """Register a webhook; the result carries its ``id`` and ``secret`` (shown only here)."""
+        return dict(await self.request("webhook_add", context=context, url=url, prefix=prefix, secret=secret))
+
+    async def webhooks(self) -> list[dict[str, Any]]:
+        """List the webhooks and their delivery state."""
+        return list(await self.request("webhook_list"))
+
+    async def webhook_remove(self, webhook_id: str) -> None:
+        """Remove a webhook and its dead letters (NotFound if there is none)."""
+        await self.request("webhook_remove", webhook=webhook_id)
+
+    async def webhook_failures(self, webhook_id: str | None = None) -> list[dict[str, Any]]:
+        """The dead-letter list: batches not delivered after the last retry."""
+        return list(await self.request("webhook_failures", webhook=webhook_id))

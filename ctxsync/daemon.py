@@ -26,6 +26,7 @@ import structlog
 from ctxsync import __version__, config, transport
 from ctxsync.alerts import AlertEvaluator
 from ctxsync.api import Api
+from ctxsync.recovery import Recovery
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
 from ctxsync.crypto import PeerCard, encode_peer_card
@@ -253,7 +254,13 @@ class Daemon:
         cipher, created = open_store_key(self.home, cfg, self.env, store_cipher=Store.sealed_with(store_path))
         if created:
             log.warning("store.key_created", reason="no store key yet: made one; back it up, apart from store.db (without it the store cannot be read)")
-        async with Store(store_path, compact_threshold=cfg.store.compact_threshold, cipher=cipher) as store:
+        async with Store(
+            store_path,
+            compact_threshold=cfg.store.compact_threshold,
+            cipher=cipher,
+            history_limit=cfg.contexts.history_limit,
+            snapshot_keep=cfg.contexts.snapshot_keep,
+        ) as store:
             if store.resealed:
                 log.warning("store.resealed", blobs=store.resealed, cipher=cipher.name)
             self.store = store
@@ -265,6 +272,7 @@ class Daemon:
                 key_path=self.home / KEY_FILE,
             )
             await mesh.load()
+            recovery = Recovery(mesh, store, cfg.contexts)
             listener = await transport.listen(
                 mesh.run_channel,
                 cfg.listen[0],
@@ -284,6 +292,7 @@ class Daemon:
                 invite=self.invite,
                 allowed_hosts=self._api_hosts() if cfg.api_settings.allow_remote else frozenset(),
                 alert_rules=cfg.alerts,
+                recovery=recovery,
             )
             try:
                 api_server = await api.listen(*cfg.api)
@@ -320,6 +329,7 @@ class Daemon:
                     await self.discovery.stop()  # goodbye packets: peers forget this address
                 await mesh.stop()
                 await mesh.flush_unpersisted()
+                await recovery.stop()
                 api_server.close()
                 listener.close()
                 with contextlib.suppress(Exception):

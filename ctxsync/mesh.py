@@ -45,7 +45,7 @@ from ctxsync import transport
 from ctxsync.codec import Message, SyncStep1, SyncStep2, SyncUpdate
 from ctxsync.config import NodeConfig, PeerConfig, format_hostport
 from ctxsync.crypto import client_tls_context, node_id_from_cert, server_tls_context
-from ctxsync.entries import Clock, Entry, EntryMap, Slot, validate_key
+from ctxsync.entries import Clock, Entry, EntryMap, Slot, Strategy, validate_key
 from ctxsync.errors import (
     CryptoError,
     EntryError,
@@ -1097,6 +1097,36 @@ class Mesh:
             raise StoreError(f"update not acknowledged: the store failed ({failed}); it stays in memory and is retried")
         return pending.version
 
+    async def set_strategy(self, doc_id: DocId, strategy: Strategy) -> int:
+        """
+        Set a context's conflict strategy: stored in its document, so it reaches every replica
+        and all resolve the same way. Returns once committed.
+
+        Returns:
+            The context's version after the change (unchanged if the strategy was already set).
+
+        Raises:
+            NotFound: No such context.
+            EntryError: Unknown strategy name.
+            StoreError: The store could not commit it.
+        """
+        ctx = self._context(doc_id, create=False)
+        if ctx.rebuilding:
+            raise StoreError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
+        if ctx.entries.strategy == strategy:
+            return ctx.version
+        with ctx.doc.transaction(origin="local"):
+            ctx.entries.set_strategy(strategy)
+        update = ctx.take_update()
+        if update is None:
+            return ctx.version
+        pending = self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
+        failed = await self._store_then_send(pending)
+        if failed is not None:
+            raise StoreError(f"change not acknowledged: the store failed ({failed}); it stays in memory and is retried")
+        log.info("context.strategy", doc_id=doc_id, strategy=strategy.name, priority=list(strategy.priority))
+        return pending.version
+
     def get(self, doc_id: DocId, key: str) -> Entry:
         """Return the entry, or raise NotFound."""
         entry = self._context(doc_id, create=False).entries.get(key)
@@ -1113,9 +1143,19 @@ class Mesh:
         ctx = self.contexts.get(doc_id)
         return ctx.entries.keys(prefix) if ctx else []
 
-    def subscribe(self, context: DocId | None, prefix: str = "", *, maxsize: int = 10_000) -> _Subscription:
-        """Start receiving :class:`Change` objects (None means the subscriber fell behind)."""
-        sub = _Subscription(context, prefix, maxsize)
+    def subscribe(
+        self, context: DocId | None, prefix: str = "", *, maxsize: int = 10_000, glob: str | None = None
+    ) -> _Subscription:
+        """
+        Start receiving :class:`Change` objects (None means the subscriber fell behind).
+
+        Args:
+            context: Only this context's changes; ``None`` for all.
+            prefix: Only keys starting with it.
+            glob: Only keys matching this shell pattern (``fnmatch``, case-sensitive: ``*``,
+                ``?``, ``[seq]``; ``*`` also matches ``/``).
+        """
+        sub = _Subscription(context, prefix, maxsize, glob)
         self._subs.add(sub)
         return sub
 

@@ -452,6 +452,23 @@ def _quick_check(data: bytes, tmp: Path) -> list[str]:
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def _context_blobs(data: bytes, tmp: Path) -> list[bytes] | None:
+    """The update and checkpoint blobs of a store image (what a context is rebuilt from), or None if unreadable."""
+    path = tmp / "probe-blobs.db"
+    path.write_bytes(data)
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT data FROM updates ORDER BY seq").fetchall()
+        rows += conn.execute("SELECT data || state_vector FROM checkpoints ORDER BY doc_id").fetchall()
+        return [bytes(r[0]) for r in rows]
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def _zero_page(data: bytes, page_size: int, page: int) -> bytes:
     return data[: page * page_size] + bytes(page_size) + data[(page + 1) * page_size :]
 
@@ -490,9 +507,13 @@ def donor_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DonorStore
     assert pages > 50, pages
     mid = pages // 2
     detected = silent = None
+    blobs = _context_blobs(data, root)
     for page in sorted(range(1, pages), key=lambda p: abs(p - mid)):  # page 0 holds the header
-        ok = _quick_check(_zero_page(data, page_size, page), root) == ["ok"]
-        if ok and silent is None:
+        damaged = _zero_page(data, page_size, page)
+        ok = _quick_check(damaged, root) == ["ok"]
+        # The silent page must hold content of the context itself (not history or snapshots,
+        # which are read on request and refused then): its blobs must read back differently.
+        if ok and silent is None and _context_blobs(damaged, root) != blobs:
             silent = page
         if not ok and detected is None:
             detected = page
