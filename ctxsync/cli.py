@@ -377,8 +377,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
         def ready() -> None:
             print(f"ctxsync: watching {args.context} (Ctrl-C to stop)", file=sys.stderr, flush=True)
 
-        async for change in c.watch(args.context, args.prefix, on_ready=ready):
-            _print_json(change)
+        if args.batch_ms:
+            async for batch in c.watch_batches(args.context, args.prefix, glob=args.glob, batch_ms=args.batch_ms, on_ready=ready):
+                _print_json(batch)
+        else:
+            async for change in c.watch(args.context, args.prefix, glob=args.glob, on_ready=ready):
+                _print_json(change)
 
     try:
         _with_client(args, go)
@@ -397,6 +401,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"listen   {st['listen']}   rss {proc['rss_bytes'] / 2**20:.1f} MiB   cpu {proc['cpu_percent']}%   uptime {proc['uptime_s']} s")
     ctxs = ", ".join(f"{k} ({v['entries']} entries, v{v['version']})" for k, v in st["contexts"].items()) or "none"
     print(f"contexts {ctxs}")
+    for m in st.get("lineage_mismatches") or []:
+        print(
+            f"LINEAGE  {m['context']}: made separately here and on {m['peer_name']} ({m['peer_id'][:7]}); not synced."
+            f" To take theirs: ctxsync context adopt {m['context']} --from {m['peer_id'][:7]}"
+        )
     print()
     def ms(v: float | None) -> str:
         return f"{v:.1f}" if v is not None else "-"
@@ -430,6 +439,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ctxsync.cli_context import add_parsers as add_context_parsers
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, help="node home directory (default $CTXSYNC_HOME, else ~/.ctxsync)")
     p = argparse.ArgumentParser(prog="ctxsync", description="Keep shared key/value contexts in sync between machines.", parents=[common])
@@ -498,7 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prefix", default="")
     sp = add("watch", cmd_watch, "print one JSON object per change of CONTEXT")
     sp.add_argument("context")
-    sp.add_argument("--prefix", default="")
+    sp.add_argument("--prefix", default="", help="only keys starting with it")
+    sp.add_argument("--glob", help="only keys matching this shell pattern, e.g. 'tasks/*/state'")
+    sp.add_argument("--batch-ms", type=int, default=0, metavar="N", help="print one JSON array per N ms of changes")
+    add_context_parsers(sub, common)
     sp = add("status", cmd_status, "show node, peers (connected, rtt, in sync per context) and memory")
     sp.add_argument("--json", action="store_true")
     return p

@@ -1097,8 +1097,7 @@ class Store:
             conn.executemany("INSERT INTO updates (doc_id, version, data) VALUES (?, ?, ?)", rows)
             if history:
                 self._add_history(conn, history, gaps)
-            for w in writes:
-                w.fn(conn)
+            results = [w.fn(conn) for w in writes]
             conn.execute("COMMIT")
         except Exception as exc:
             self._rollback(conn)
@@ -1110,7 +1109,11 @@ class Store:
         for a, row in zip(sealed, rows, strict=True):
             self._log_rows[a.doc_id] = self._log_rows.get(a.doc_id, 0) + 1
             self._log_bytes[a.doc_id] = self._log_bytes.get(a.doc_id, 0) + len(row[2])
-        return outcomes + [(j.future, None, None) for j in committed]
+        return (
+            outcomes
+            + [(a.future, None, None) for a in sealed]
+            + [(w.future, r, None) for w, r in zip(writes, results, strict=True)]
+        )
 
     def _add_history(self, conn: sqlite3.Connection, records: list[tuple[str, int, int, bytes]], gaps: dict[str, int]) -> None:
         """Insert history records, then drop the oldest beyond :attr:`history_limit` (inside the caller's transaction)."""
@@ -1126,10 +1129,15 @@ class Store:
             else:
                 count += n
             if count > limit:
-                version, idx = conn.execute(
+                cut = conn.execute(
                     "SELECT version, idx FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
                     (doc_id, limit - 1),
                 ).fetchone()
+                if cut is None:  # the cached count ran ahead (records replaced, not added): recount
+                    count = conn.execute("SELECT COUNT(*) FROM history WHERE doc_id = ?", (doc_id,)).fetchone()[0]
+                    self._history_rows[doc_id] = count
+                    continue
+                version, idx = cut
                 conn.execute(
                     "DELETE FROM history WHERE doc_id = ? AND (version < ? OR (version = ? AND idx < ?))",
                     (doc_id, version, version, idx),
@@ -1168,6 +1176,7 @@ class Store:
             checkpoints = {
                 r[0]: r[1:] for r in conn.execute(f"SELECT doc_id, data, version, upto_seq FROM checkpoints {where}", args)
             }
+            recorded = dict(conn.execute(f"SELECT doc_id, MAX(version) FROM history {where} GROUP BY doc_id", args).fetchall())
             log: dict[str, list[tuple[int, int, bytes]]] = {}
             for doc_id, seq, version, data in conn.execute(
                 f"SELECT doc_id, seq, version, data FROM updates {where} ORDER BY doc_id, seq", args
@@ -1185,7 +1194,7 @@ class Store:
                 if seq > upto_seq:
                     updates.append(self._unseal_or_corrupt(data, doc_id, f"update {seq}"))
                     version = max(version, row_version)
-            version = max(version, base_version, history_from - 1)
+            version = max(version, base_version, history_from - 1, recorded.get(doc_id) or 0)
             loaded.append(StoredContext(DocId(doc_id), updates, version, created_at_ms, lineage, history_from))
         return loaded
 

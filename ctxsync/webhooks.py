@@ -65,6 +65,7 @@ and calls :meth:`WebhookDispatcher.notify` when the mesh has made a version dura
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import hashlib
 import hmac
@@ -276,7 +277,9 @@ def _http_post(target: Target, body: bytes, headers: Mapping[str, str], timeout_
     """POST ``body`` once; no redirects followed, no proxies. Raises OSError, http.client.HTTPException."""
     conn: http.client.HTTPConnection
     if target.https:
-        conn = http.client.HTTPSConnection(target.host, target.port, timeout=timeout_s, context=_tls_context())
+        conn = http.client.HTTPSConnection(
+            target.host, target.port, timeout=timeout_s, context=_tls_context()
+        )
     else:
         conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
     try:
@@ -290,7 +293,7 @@ def _http_post(target: Target, body: bytes, headers: Mapping[str, str], timeout_
         conn.close()
 
 
-def _describe(resp: _Response) -> str | None:
+def _response_error(resp: _Response) -> str | None:
     """The error of a response, or ``None`` if it acknowledges the delivery (2xx)."""
     if 200 <= resp.status < 300:
         return None
@@ -328,14 +331,15 @@ class _Plan:
 class _Webhook:
     """A webhook's settings and its delivery state, on the event loop thread."""
 
-    def __init__(self, stored: StoredWebhook, target: Target) -> None:
+    def __init__(self, stored: StoredWebhook) -> None:
         self.id = stored.id
         self.doc_id = stored.doc_id
         self.created_at_ms = stored.created_at_ms
-        self.url: str = stored.data["url"]
-        self.prefix: str = stored.data.get("prefix") or ""
-        self.secret: str = stored.data["secret"]
-        self.target = target
+        self.url = str(stored.data.get("url", ""))
+        self.prefix = str(stored.data.get("prefix") or "")
+        self.secret = str(stored.data.get("secret") or "")
+        self.target: Target | None = None
+        """Where to POST; ``None`` until checked (see :meth:`check`)."""
         self.cursor = stored.cursor
         """Last version delivered or dead-lettered, as committed to the store."""
         self.wake = asyncio.Event()
@@ -346,6 +350,13 @@ class _Webhook:
         """Why the last attempt of the batch being delivered failed."""
         self.retry_at_ms: int | None = None
         """When the next attempt is due (Unix ms), while waiting to retry."""
+
+    def check(self) -> Target:
+        """Parse the url and check the secret (a stored webhook could be damaged). Raises EntryError."""
+        self.target = parse_url(self.url)
+        if not self.secret:
+            raise EntryError(f"webhook {self.id} has no secret")
+        return self.target
 
 
 class WebhookDispatcher:
@@ -403,7 +414,7 @@ class WebhookDispatcher:
         if self._running:
             raise InvalidState("webhook dispatcher already started")
         self._running = True
-        if not await self._load(1):
+        if not await self._load():
             self._loader = asyncio.create_task(self._load_until_done(), name="webhooks-load")
 
     async def stop(self) -> None:
@@ -475,12 +486,20 @@ class WebhookDispatcher:
             data={"url": url, "prefix": prefix, "secret": secret or secrets.token_urlsafe(24)},
         )
         await self._store.put_webhook(stored)
-        hook = _Webhook(stored, target)
-        self._hooks[hook.id] = hook
-        if self._running:
+        hook = _Webhook(stored)
+        hook.target = target
+        if self._running:  # else start() loads it from the store
+            self._hooks[hook.id] = hook
             self._spawn(hook)
-        log.info("webhook.added", webhook_id=hook.id, doc_id=doc_id, host=target.host, prefix=prefix, cursor=hook.cursor)
-        return {**self._describe(hook), "secret": hook.secret}
+        log.info(
+            "webhook.added",
+            webhook_id=hook.id,
+            doc_id=doc_id,
+            host=target.host,
+            prefix=prefix,
+            cursor=hook.cursor,
+        )
+        return {**self._to_json(hook), "secret": hook.secret}
 
     async def remove(self, webhook_id: str) -> bool:
         """
@@ -498,7 +517,10 @@ class WebhookDispatcher:
             hook.task.cancel()
             await asyncio.wait([hook.task])
             hook.task = None
-        existed = await self._store.delete_webhook(webhook_id)
+        # Ask first: Store.delete_webhook answers False even for a webhook it deleted (its write
+        # jobs resolve to None), and a stopped dispatcher does not hold the webhooks in memory.
+        existed = hook is not None or any(w.id == webhook_id for w in await self._store.list_webhooks())
+        existed = await self._store.delete_webhook(webhook_id) or existed
         if existed:
             log.info("webhook.removed", webhook_id=webhook_id)
         return existed
@@ -525,16 +547,12 @@ class WebhookDispatcher:
             counts[webhook_id] = counts.get(webhook_id, 0) + 1
         out = []
         for s in stored:
-            hook = self._hooks.get(s.id)
-            if hook is None:
-                try:
-                    hook = _Webhook(s, parse_url(s.data.get("url", "")))
-                except EntryError:
-                    continue
-            out.append({**self._describe(hook), "failures": counts.get(s.id, 0)})
+            hook = self._hooks.get(s.id) or _Webhook(s)
+            out.append({**self._to_json(hook), "failures": counts.get(s.id, 0)})
         return out
 
-    async def failures(self, webhook_id: str | None = None) -> list[dict[str, Any]]:
+    # ``list`` is a method from here on: annotations say ``builtins.list``.
+    async def failures(self, webhook_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """
         List the dead letters: batches given up after ``max_attempts`` attempts, oldest first.
 
@@ -563,7 +581,7 @@ class WebhookDispatcher:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _describe(self, hook: _Webhook) -> dict[str, Any]:
+    def _to_json(self, hook: _Webhook) -> dict[str, Any]:
         return {
             "id": hook.id,
             "context": hook.doc_id,
@@ -577,20 +595,20 @@ class WebhookDispatcher:
             "retry_at_ms": hook.retry_at_ms,
         }
 
-    async def _load(self, attempt: int) -> bool:
+    async def _load(self) -> bool:
         """Load the stored webhooks and start their tasks; log and return False if the store failed."""
         try:
             stored = await self._store.list_webhooks()
         except CtxSyncError as exc:
-            delay_s = self._delay(attempt)
-            log.error("webhook.load_failed", error=str(exc), attempt=attempt, delay_s=round(delay_s, 3))
+            log.error("webhook.load_failed", error=str(exc))
             return False
         for s in stored:
-            if s.id in self._hooks:  # added meanwhile
+            if s.id in self._hooks:  # added while loading
                 continue
+            hook = _Webhook(s)
             try:
-                hook = _Webhook(s, parse_url(s.data.get("url", "")))
-            except (EntryError, KeyError) as exc:
+                hook.check()
+            except EntryError as exc:
                 log.error("webhook.invalid", webhook_id=s.id, doc_id=s.doc_id, error=str(exc))
                 continue
             self._hooks[hook.id] = hook
@@ -598,15 +616,17 @@ class WebhookDispatcher:
         return True
 
     async def _load_until_done(self) -> None:
-        attempt = 1
+        attempt = 0
         while True:
-            await asyncio.sleep(self._delay(attempt))
             attempt += 1
-            if await self._load(attempt):
+            await asyncio.sleep(self._delay(attempt))
+            if await self._load():
                 return
 
     def _delay(self, attempt: int) -> float:
-        return retry_delay(attempt, backoff_s=self._config.backoff_s, max_backoff_s=self._config.max_backoff_s)
+        return retry_delay(
+            attempt, backoff_s=self._config.backoff_s, max_backoff_s=self._config.max_backoff_s
+        )
 
     def _spawn(self, hook: _Webhook) -> None:
         hook.wake.set()  # read the history once at start
@@ -634,11 +654,22 @@ class WebhookDispatcher:
                 failures += 1
                 delay_s = self._delay(failures)
                 if isinstance(exc, CtxSyncError):
-                    log.warning("webhook.store_error", webhook_id=hook.id, doc_id=hook.doc_id, error=str(exc),
-                                delay_s=round(delay_s, 3))  # fmt: skip
+                    log.warning(
+                        "webhook.store_error",
+                        webhook_id=hook.id,
+                        doc_id=hook.doc_id,
+                        error=str(exc),
+                        delay_s=round(delay_s, 3),
+                    )
                 else:  # a bug: keep the traceback, keep the daemon
-                    log.error("webhook.error", webhook_id=hook.id, doc_id=hook.doc_id, error=repr(exc),
-                              delay_s=round(delay_s, 3), exc_info=True)  # fmt: skip
+                    log.error(
+                        "webhook.error",
+                        webhook_id=hook.id,
+                        doc_id=hook.doc_id,
+                        error=repr(exc),
+                        delay_s=round(delay_s, 3),
+                        exc_info=True,
+                    )
                 await asyncio.sleep(delay_s)
                 hook.wake.set()
 
@@ -670,16 +701,30 @@ class WebhookDispatcher:
         to_version = records[-1].version if records else cursor
         if truncated:
             to_version = max(to_version, page.history_from - 1)
-            log.warning("webhook.truncated", webhook_id=hook.id, doc_id=hook.doc_id, missed_from=cursor + 1,
-                        missed_to=page.history_from - 1)  # fmt: skip
-        matching = [r for r in records if isinstance(k := r.record.get("key"), str) and k.startswith(hook.prefix)]
+            log.warning(
+                "webhook.truncated",
+                webhook_id=hook.id,
+                doc_id=hook.doc_id,
+                missed_from=cursor + 1,
+                missed_to=page.history_from - 1,
+            )
+        matching = [
+            r for r in records if isinstance(k := r.record.get("key"), str) and k.startswith(hook.prefix)
+        ]
         if not matching and not truncated:
-            log.debug("webhook.skipped", webhook_id=hook.id, doc_id=hook.doc_id, from_version=cursor + 1,
-                      to_version=to_version)  # fmt: skip
+            log.debug(
+                "webhook.skipped",
+                webhook_id=hook.id,
+                doc_id=hook.doc_id,
+                from_version=cursor + 1,
+                to_version=to_version,
+            )
             return _Plan([], to_version)
-        parts = [matching[i : i + batch_max] for i in range(0, len(matching), batch_max)] if split else [matching]
+        parts = [matching]
+        if split and matching:
+            parts = [matching[i : i + batch_max] for i in range(0, len(matching), batch_max)]
         batches = []
-        for n, part in enumerate(parts or [[]]):
+        for n, part in enumerate(parts):
             body_obj: dict[str, Any] = {
                 "webhook_id": hook.id,
                 "context": hook.doc_id,
@@ -692,8 +737,9 @@ class WebhookDispatcher:
                 "changes": [_change(r) for r in part],
             }
             body = _encode(body_obj)
-            last_part = n == len(parts) - 1 or not parts
-            batches.append(_Batch(body_obj, body, _delivery_id(body), len(part), to_version if last_part else cursor))
+            # The cursor passes a split version only after its last part.
+            advance_to = to_version if n == len(parts) - 1 else cursor
+            batches.append(_Batch(body_obj, body, _delivery_id(body), len(part), advance_to))
         return _Plan(batches, to_version)
 
     async def _deliver(self, hook: _Webhook, batch: _Batch) -> None:
@@ -707,6 +753,7 @@ class WebhookDispatcher:
             "Connection": "close",
         }
         fields = {"webhook_id": hook.id, "doc_id": hook.doc_id, "delivery_id": batch.delivery_id}
+        target = hook.target or hook.check()
         attempt = 0
         while True:
             attempt += 1
@@ -714,30 +761,57 @@ class WebhookDispatcher:
             status: int | None = None
             try:
                 async with asyncio.timeout(self._config.timeout_s):
-                    resp = await asyncio.to_thread(_http_post, hook.target, batch.body, headers, self._config.timeout_s)
-                status, error = resp.status, _describe(resp)
+                    resp = await asyncio.to_thread(
+                        _http_post, target, batch.body, headers, self._config.timeout_s
+                    )
+                status, error = resp.status, _response_error(resp)
             except TimeoutError:
                 error = f"timed out after {self._config.timeout_s} s"
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             duration_ms = round((time.monotonic() - started) * 1000, 1)
             if error is None:
-                log.debug("webhook.delivered", **fields, changes=batch.changes, status=status, duration_ms=duration_ms,
-                          attempts=attempt)  # fmt: skip
+                log.debug(
+                    "webhook.delivered",
+                    **fields,
+                    changes=batch.changes,
+                    status=status,
+                    duration_ms=duration_ms,
+                    attempts=attempt,
+                )
                 await self._advance(hook, batch.advance_to)
                 hook.attempts, hook.last_error = 0, None
                 return
             hook.attempts, hook.last_error = attempt, error
             if attempt >= self._config.max_attempts:
-                log.error("webhook.failed", **fields, attempts=attempt, error=error, changes=batch.changes,
-                          from_version=batch.body_obj["from_version"], to_version=batch.body_obj["to_version"])  # fmt: skip
-                failure = {"body": batch.body_obj, "error": error, "attempts": attempt, "delivery_id": batch.delivery_id}
+                log.error(
+                    "webhook.failed",
+                    **fields,
+                    attempts=attempt,
+                    error=error,
+                    changes=batch.changes,
+                    from_version=batch.body_obj["from_version"],
+                    to_version=batch.body_obj["to_version"],
+                )
+                failure = {
+                    "body": batch.body_obj,
+                    "error": error,
+                    "attempts": attempt,
+                    "delivery_id": batch.delivery_id,
+                }
                 await self._advance(hook, batch.advance_to, failure)
                 hook.attempts, hook.last_error = 0, None
                 return
             delay_s = self._delay(attempt)
-            log.warning("webhook.retry", **fields, attempt=attempt, error=error, status=status,
-                        duration_ms=duration_ms, delay_s=round(delay_s, 3))  # fmt: skip
+            log.warning(
+                "webhook.retry",
+                **fields,
+                attempt=attempt,
+                error=error,
+                status=status,
+                duration_ms=duration_ms,
+                delay_s=round(delay_s, 3),
+            )
             hook.retry_at_ms = _now_ms() + int(delay_s * 1000)
             try:
                 await asyncio.sleep(delay_s)
@@ -753,8 +827,13 @@ class WebhookDispatcher:
             except CtxSyncError as exc:
                 attempt += 1
                 delay_s = self._delay(attempt)
-                log.warning("webhook.store_error", webhook_id=hook.id, doc_id=hook.doc_id, error=str(exc),
-                            delay_s=round(delay_s, 3))  # fmt: skip
+                log.warning(
+                    "webhook.store_error",
+                    webhook_id=hook.id,
+                    doc_id=hook.doc_id,
+                    error=str(exc),
+                    delay_s=round(delay_s, 3),
+                )
                 await asyncio.sleep(delay_s)
                 continue
             hook.cursor = max(hook.cursor, cursor)

@@ -64,7 +64,7 @@ from enum import IntEnum
 from typing import Final
 
 import structlog
-from pycrdt import YMessageType, YSyncMessageType, create_awareness_message, create_update_message, write_message
+from pycrdt import YSyncMessageType, create_awareness_message, create_update_message, write_message
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -109,8 +109,8 @@ _MAX_REASON_BYTES: Final = 120  # a close reason must fit in a control frame (12
 class MessageType(IntEnum):
     """y-websocket message types (the first varuint of every message)."""
 
-    SYNC = YMessageType.SYNC
-    AWARENESS = YMessageType.AWARENESS
+    SYNC = 0
+    AWARENESS = 1
     AUTH = 2
     QUERY_AWARENESS = 3
 
@@ -222,7 +222,11 @@ def decode_message(message: bytes) -> YjsMessage:
     message_type = r.varuint("message type")
     if message_type == MessageType.SYNC:
         sync_type = r.varuint("sync type")
-        if sync_type not in (YSyncMessageType.SYNC_STEP1, YSyncMessageType.SYNC_STEP2, YSyncMessageType.SYNC_UPDATE):
+        if sync_type not in (
+            YSyncMessageType.SYNC_STEP1,
+            YSyncMessageType.SYNC_STEP2,
+            YSyncMessageType.SYNC_UPDATE,
+        ):
             raise DecodeError(f"unknown sync message type {sync_type}")
         payload = r.varbytes("sync payload")
         r.end("sync message")
@@ -349,9 +353,7 @@ class AwarenessStates:
             if not (current < e.clock or (current == e.clock and gone and e.client_id in self.states)):
                 continue
             if gone and known is None:
-                self.clocks[e.client_id] = e.clock
-                self._owners[e.client_id] = owner
-                continue  # nothing known was removed: nothing to tell
+                continue  # nothing known is removed (and a flood of unknown ids costs no memory)
             self.clocks[e.client_id] = e.clock
             self._owners[e.client_id] = owner
             if gone:
@@ -383,7 +385,11 @@ class AwarenessStates:
         """
         ids = [c for c, o in self._owners.items() if o is owner]
         gone = [c for c in ids if c in self.states]
-        update = encode_awareness_update(AwarenessEntry(c, self.clocks[c], b"null") for c in gone) if gone else None
+        update = (
+            encode_awareness_update(AwarenessEntry(c, self.clocks[c], b"null") for c in gone)
+            if gone
+            else None
+        )
         for c in ids:
             self.states.pop(c, None)
             self.clocks.pop(c, None)
@@ -461,7 +467,9 @@ class _Client:
     async def stop(self) -> None:
         """Stop sending and wait for the closing handshake this side started, if any."""
         self._sender.cancel()
-        tasks: list[asyncio.Task[None]] = [self._sender] + ([self._closer] if self._closer is not None else [])
+        tasks: list[asyncio.Task[None]] = [self._sender] + (
+            [self._closer] if self._closer is not None else []
+        )
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _send_loop(self) -> None:
@@ -477,10 +485,6 @@ class _Client:
             return  # the receive side sees it too and ends the connection
 
 
-_rooms: weakref.WeakKeyDictionary[Mesh, dict[DocId, _Room]] = weakref.WeakKeyDictionary()
-"""The Yjs clients of each context, per mesh (tests may run several meshes in one process)."""
-
-
 class _Room:
     """The Yjs clients connected to one context on this daemon, and their awareness states."""
 
@@ -491,6 +495,10 @@ class _Room:
     def broadcast(self, message: bytes) -> None:
         for client in list(self.clients):
             client.send(message)
+
+
+_rooms: weakref.WeakKeyDictionary[Mesh, dict[DocId, _Room]] = weakref.WeakKeyDictionary()
+"""The Yjs clients of each context, per mesh (tests may run several meshes in one process)."""
 
 
 async def serve(mesh: Mesh, conn: ServerConnection, doc_id: DocId) -> None:
@@ -592,7 +600,9 @@ async def _receive(mesh: Mesh, client: _Client, room: _Room) -> str:
                 if states is not None:
                     client.send(create_awareness_message(states))
             else:
-                log.debug("yjs.message_ignored", doc_id=doc_id, client=client.addr, message_type=msg.message_type)
+                log.debug(
+                    "yjs.message_ignored", doc_id=doc_id, client=client.addr, message_type=msg.message_type
+                )
             if client.closing is not None:
                 break  # closed as too slow while handling the message
     except ConnectionClosed as exc:
@@ -651,7 +661,9 @@ def _missing_dependencies(mesh: Mesh, doc_id: DocId, update: bytes) -> bool:
     # TODO(mesh): drop this second walk once apply_client_update raises a distinct error for it.
     try:
         state = decode_state_vector(mesh.open_context(doc_id).get_state())
-        check_update(update, entries_root=ENTRIES_ROOT, max_bytes=mesh.config.sync.max_message_bytes, state=state)
+        check_update(
+            update, entries_root=ENTRIES_ROOT, max_bytes=mesh.config.sync.max_message_bytes, state=state
+        )
     except MissingDependencies:
         return True
     except (InvalidUpdate, EntryError):

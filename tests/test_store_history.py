@@ -76,7 +76,8 @@ def rebuild(updates: list[bytes]) -> dict[str, Any]:
     doc: pycrdt.Doc[Any] = pycrdt.Doc()
     for update in updates:
         doc.apply_update(update)
-    return doc.get("entries", type=pycrdt.Map).to_py()
+    entries: dict[str, Any] = doc.get("entries", type=pycrdt.Map).to_py()
+    return entries
 
 
 def versions(page: HistoryPage) -> list[tuple[int, int]]:
@@ -104,10 +105,15 @@ async def test_history_reads_newest_cursor_key_and_limit_and_survives_reopen(tmp
     async with Store(path) as store:
         for v in range(1, 11):
             key = "even" if v % 2 == 0 else "odd"
-            await store.append(CTX, v, writer.set(key, v), history=[(0, record(key, v, v - 2 if v > 2 else None))])
+            await store.append(
+                CTX, v, writer.set(key, v), history=[(0, record(key, v, v - 2 if v > 2 else None))]
+            )
         # one version with two changes
         await store.append(
-            CTX, 11, writer.set_many({"odd": 11, "even": 11}), history=[(0, record("odd", 11)), (1, record("even", 11))]
+            CTX,
+            11,
+            writer.set_many({"odd": 11, "even": 11}),
+            history=[(0, record("odd", 11)), (1, record("even", 11))],
         )
 
     async with Store(path) as store:
@@ -171,12 +177,18 @@ async def test_cut_inside_a_version_moves_history_from_past_it(tmp_path: Path) -
     path, writer = tmp_path / "store.db", Writer()
     async with Store(path, history_limit=5) as store:
         await store.append(
-            CTX, 1, writer.set_many({"a": 1, "b": 1, "c": 1}), history=[(i, record(k, 1)) for i, k in enumerate("abc")]
+            CTX,
+            1,
+            writer.set_many({"a": 1, "b": 1, "c": 1}),
+            history=[(i, record(k, 1)) for i, k in enumerate("abc")],
         )
         page = await store.read_history(CTX, since=0)
         assert versions(page) == [(1, 0), (1, 1), (1, 2)] and page.history_from == 1
         await store.append(
-            CTX, 2, writer.set_many({"a": 2, "b": 2, "c": 2}), history=[(i, record(k, 2)) for i, k in enumerate("abc")]
+            CTX,
+            2,
+            writer.set_many({"a": 2, "b": 2, "c": 2}),
+            history=[(i, record(k, 2)) for i, k in enumerate("abc")],
         )
         page = await store.read_history(CTX, since=0)
     assert versions(page) == [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2)], "newest 5 records kept"
@@ -206,7 +218,10 @@ async def test_version_whose_first_records_were_left_out_moves_history_from(tmp_
         await store.append(CTX, 1, writer.set("a", 1), history=[(0, record("a", 1))])
         assert (await store.read_history(CTX)).history_from == 1
         await store.append(
-            CTX, 2, writer.set_many({"a": 2, "b": 2, "c": 2}), history=[(2, record("c", 2)), (3, record("d", 2))]
+            CTX,
+            2,
+            writer.set_many({"a": 2, "b": 2, "c": 2}),
+            history=[(2, record("c", 2)), (3, record("d", 2))],
         )
         page = await store.read_history(CTX, since=0)
         assert versions(page) == [(1, 0), (2, 2), (2, 3)]
@@ -273,7 +288,10 @@ async def test_update_and_history_commit_together(tmp_path: Path, monkeypatch: p
         await asyncio.gather(
             store.append_nowait(CTX, 3, writer.set("c", 3), history=[(0, record("c", 3))]),
             store.append_nowait(
-                CTX, 4, writer.set_many({"c": 4, "d": 4}), history=[(0, record("c", 4, 3)), (1, record("d", 4))]
+                CTX,
+                4,
+                writer.set_many({"c": 4, "d": 4}),
+                history=[(0, record("c", 4, 3)), (1, record("d", 4))],
             ),
         )
     async with Store(path) as store:
@@ -321,7 +339,11 @@ async def test_lineage_is_set_by_the_first_append_only(tmp_path: Path) -> None:
         )
         await store.append(DocId("plain"), 1, Writer().set("p", 1))
         by_id = {c.doc_id: c for c in await store.load_all()}
-    assert (by_id[CTX].lineage, by_id[OTHER].lineage, by_id[DocId("plain")].lineage) == ("L1", "M1", LEGACY_LINEAGE)
+    assert (by_id[CTX].lineage, by_id[OTHER].lineage, by_id[DocId("plain")].lineage) == (
+        "L1",
+        "M1",
+        LEGACY_LINEAGE,
+    )
     async with Store(path) as store:
         await store.append(CTX, 3, writer.set("a", 3), lineage="L7")
         by_id = {c.doc_id: c for c in await store.load_all()}
@@ -336,7 +358,9 @@ async def test_reset_context_drops_content_keeps_history_and_versions(tmp_path: 
         for v in range(1, 6):
             await store.append(CTX, v, writer.set("k", v), lineage="L1", history=[(0, record("k", v))])
         assert await store.compact(CTX) is True  # a checkpoint
-        await store.append(CTX, 6, writer.set("k", 6), lineage="L1", history=[(0, record("k", 6))])  # and a log row
+        await store.append(
+            CTX, 6, writer.set("k", 6), lineage="L1", history=[(0, record("k", 6))]
+        )  # and a log row
         await store.append(OTHER, 1, Writer().set("o", 1), lineage="O1")
         await store.reset_context(CTX, "L2", base_version=6)
         reset = await store.load(CTX)
@@ -350,7 +374,9 @@ async def test_reset_context_drops_content_keeps_history_and_versions(tmp_path: 
         page = await store.read_history(CTX, since=0)
         assert by_id[CTX].updates == [] and by_id[CTX].lineage == "L2" and by_id[CTX].version >= 6
         assert versions(page) == [(v, 0) for v in range(1, 7)], "history stays"
-        assert by_id[OTHER].lineage == "O1" and rebuild(by_id[OTHER].updates) == {"o": "1"}, "others untouched"
+        assert by_id[OTHER].lineage == "O1" and rebuild(by_id[OTHER].updates) == {"o": "1"}, (
+            "others untouched"
+        )
         # the context goes on under its new lineage
         fresh = Writer()
         await store.append(CTX, 7, fresh.set("new", 7), lineage="L3", history=[(0, record("new", 7))])
@@ -362,7 +388,9 @@ async def test_reset_context_drops_content_keeps_history_and_versions(tmp_path: 
         await store.reset_context(DocId("adopted"), "A1", base_version=0)
     async with Store(path) as store:
         by_id = {c.doc_id: c for c in await store.load_all()}
-    assert by_id[CTX].lineage == "L2" and by_id[CTX].version == 7 and rebuild(by_id[CTX].updates) == {"new": "7"}
+    assert (
+        by_id[CTX].lineage == "L2" and by_id[CTX].version == 7 and rebuild(by_id[CTX].updates) == {"new": "7"}
+    )
     assert by_id[OTHER].lineage == "O4" and by_id[OTHER].version == 9 and by_id[OTHER].updates == []
     assert (by_id[DocId("adopted")].lineage, by_id[DocId("adopted")].updates) == ("A1", [])
 
@@ -407,7 +435,9 @@ def make_v1_store(path: Path) -> dict[str, dict[str, Any]]:
             conn.execute("DELETE FROM updates WHERE doc_id = ? AND seq <= ?", (doc_id, upto))
 
         for doc_id in "abcd":
-            conn.execute("INSERT INTO contexts (doc_id, created_at_ms) VALUES (?, ?)", (doc_id, 1_600_000_000_000))
+            conn.execute(
+                "INSERT INTO contexts (doc_id, created_at_ms) VALUES (?, ?)", (doc_id, 1_600_000_000_000)
+            )
         wa, wb, wd = Writer(), Writer(), Writer()
         add_log("a", wa, range(1, 4))
         add_log("b", wb, range(1, 8))
@@ -559,8 +589,14 @@ async def write_everything(store: Store, writer: Writer) -> None:
             {f"{hk}-1": json.dumps(SECRETS["entries"])},
         )
     )  # fmt: skip
-    await store.put_webhook(StoredWebhook("hook-1", CTX, 1000, 0, {"url": SECRETS["url"], "prefix": "", "secret": SECRETS["secret"]}))
-    await store.advance_webhook("hook-1", 3, {"body": {"changes": [SECRETS["body"]]}, "error": "HTTP 500", "attempts": 5})
+    await store.put_webhook(
+        StoredWebhook(
+            "hook-1", CTX, 1000, 0, {"url": SECRETS["url"], "prefix": "", "secret": SECRETS["secret"]}
+        )
+    )
+    await store.advance_webhook(
+        "hook-1", 3, {"body": {"changes": [SECRETS["body"]]}, "error": "HTTP 500", "attempts": 5}
+    )
 
 
 async def read_everything(store: Store) -> None:
@@ -573,7 +609,9 @@ async def read_everything(store: Store) -> None:
     assert snap is not None and snap.info["label"] == SECRETS["label"]
     assert snap.entries == {f"{hk}-1": json.dumps(SECRETS["entries"])}
     (hook,) = await store.list_webhooks()
-    assert hook.data["url"] == SECRETS["url"] and hook.data["secret"] == SECRETS["secret"] and hook.cursor == 3
+    assert (
+        hook.data["url"] == SECRETS["url"] and hook.data["secret"] == SECRETS["secret"] and hook.cursor == 3
+    )
     ((_, wid, _, failure),) = await store.list_webhook_failures()
     assert wid == "hook-1" and failure["body"] == {"changes": [SECRETS["body"]]}
     (ctx,) = await store.load_all()
@@ -620,8 +658,14 @@ async def test_webhooks_put_list_advance_delete(tmp_path: Path) -> None:
     """Webhooks round-trip; the cursor only moves forward; failures are dead-lettered and deleted with it."""
     path = tmp_path / "store.db"
     one = StoredWebhook("w1", CTX, 100, 0, {"url": "https://a.example/hook", "prefix": "", "secret": "s1"})
-    two = StoredWebhook("w2", OTHER, 200, 5, {"url": "https://b.example/hook", "prefix": "cfg/", "secret": "s2"})
-    failure = {"body": {"context": CTX, "changes": [{"key": "k", "value": "1"}]}, "error": "timeout", "attempts": 3}
+    two = StoredWebhook(
+        "w2", OTHER, 200, 5, {"url": "https://b.example/hook", "prefix": "cfg/", "secret": "s2"}
+    )
+    failure = {
+        "body": {"context": CTX, "changes": [{"key": "k", "value": "1"}]},
+        "error": "timeout",
+        "attempts": 3,
+    }
     async with Store(path) as store:
         await store.put_webhook(two)
         await store.put_webhook(one)
@@ -656,7 +700,9 @@ async def test_delete_reports_whether_it_existed(tmp_path: Path) -> None:
     """delete_snapshot and delete_webhook return True when they deleted something, False otherwise."""
     async with Store(tmp_path / "store.db") as store:
         await store.put_snapshot(snapshot("s1", t=100, auto=False, label="x"))
-        await store.put_webhook(StoredWebhook("w1", CTX, 100, 0, {"url": "https://a.example/", "prefix": "", "secret": "s"}))
+        await store.put_webhook(
+            StoredWebhook("w1", CTX, 100, 0, {"url": "https://a.example/", "prefix": "", "secret": "s"})
+        )
         deleted_snapshot = await store.delete_snapshot("s1")
         deleted_webhook = await store.delete_webhook("w1")
         assert await store.get_snapshot("s1") is None and await store.list_webhooks() == []  # they are gone
