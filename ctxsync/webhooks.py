@@ -89,7 +89,7 @@ from ctxsync.errors import CtxSyncError, EntryError, InvalidState
 from ctxsync.store import HistoryRecord, Store, StoredWebhook
 from ctxsync.types import DocId, is_valid_doc_id
 
-__all__ = ["USER_AGENT", "WebhookDispatcher", "parse_url", "retry_delay", "sign"]
+__all__ = ["USER_AGENT", "Target", "WebhookDispatcher", "parse_url", "retry_delay", "sign"]
 
 log = structlog.get_logger("ctxsync.webhooks")
 
@@ -322,7 +322,7 @@ class _Batch:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """What to do with the changes after the cursor: POST ``batches`` in order, then move to ``advance_to``."""
+    """The changes after the cursor: POST ``batches`` in order, then move the cursor to ``advance_to``."""
 
     batches: list[_Batch]
     advance_to: int
@@ -499,7 +499,15 @@ class WebhookDispatcher:
             prefix=prefix,
             cursor=hook.cursor,
         )
-        return {**self._to_json(hook), "secret": hook.secret}
+        return {
+            "id": hook.id,
+            "context": hook.doc_id,
+            "url": hook.url,
+            "prefix": hook.prefix,
+            "cursor": hook.cursor,
+            "created_at_ms": hook.created_at_ms,
+            "secret": hook.secret,
+        }
 
     async def remove(self, webhook_id: str) -> bool:
         """
@@ -517,10 +525,7 @@ class WebhookDispatcher:
             hook.task.cancel()
             await asyncio.wait([hook.task])
             hook.task = None
-        # Ask first: Store.delete_webhook answers False even for a webhook it deleted (its write
-        # jobs resolve to None), and a stopped dispatcher does not hold the webhooks in memory.
-        existed = hook is not None or any(w.id == webhook_id for w in await self._store.list_webhooks())
-        existed = await self._store.delete_webhook(webhook_id) or existed
+        existed = await self._store.delete_webhook(webhook_id)
         if existed:
             log.info("webhook.removed", webhook_id=webhook_id)
         return existed

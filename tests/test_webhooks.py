@@ -102,7 +102,9 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, name="receiver", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, name="receiver", daemon=True
+        )
         self._thread.start()
 
     def delivered(self) -> list[Request]:
@@ -236,6 +238,7 @@ async def test_delivers_versions_in_order_in_one_signed_batch(env: Env) -> None:
     """Sends the changes after the cursor oldest first, with parsed values, exact big integers and a valid signature."""
     d = await env.started()
     hook = await d.add(CTX, env.hook_url() + "?via=test", secret="s3cret")
+    assert set(hook) == {"id", "context", "url", "prefix", "cursor", "created_at_ms", "secret"}
     assert hook["cursor"] == 0 and hook["secret"] == "s3cret" and hook["context"] == CTX
     big = "123456789012345678901234567890"
     futures = [
@@ -420,7 +423,9 @@ async def test_redirect_is_a_failure(env: Env) -> None:
     await env.write(d, {"k": "1"})
     await wait_cursor(d, hook["id"], 1)
     (failure,) = await d.failures(hook["id"])
-    assert "302" in failure["error"] and "/elsewhere" in failure["error"] and "not followed" in failure["error"]
+    assert (
+        "302" in failure["error"] and "/elsewhere" in failure["error"] and "not followed" in failure["error"]
+    )
     await env.write(d, {"k": "2"})
     await wait_until(lambda: len(env.receiver.delivered()) == 1, WAIT_S)
     assert [r.path for r in env.receiver.requests] == ["/hook", "/hook"]

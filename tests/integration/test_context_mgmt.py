@@ -313,4 +313,4 @@ def test_watch_glob_and_batches(make_node: MakeNode) -> None:
     finally:
         for p in (globbed, batched):
             p.terminate()
-            p.wait(timeout=10)
+            p.communicate(timeout=10)  # also closes the pipes
