@@ -43,6 +43,7 @@ from ctxsync.mesh import Change, Mesh
 from ctxsync.recovery import Recovery, snapshot_json
 from ctxsync.store import HistoryRecord
 from ctxsync.types import NodeId
+from ctxsync.webhooks import WebhookDispatcher
 from ctxsync.types import DocId, is_valid_doc_id
 
 log = structlog.get_logger("ctxsync.api")
@@ -143,7 +144,7 @@ class Api:
         allowed_hosts: frozenset[str] = frozenset(),
         alert_rules: tuple[AlertRule, ...] = (),
         recovery: Recovery | None = None,
-        webhooks: Any = None,
+        webhooks: WebhookDispatcher | None = None,
     ) -> None:
         self.recovery = recovery
         self.webhooks = webhooks
@@ -481,7 +482,7 @@ class Api:
 
     # -- webhooks -------------------------------------------------------------------------------
 
-    def _webhooks(self) -> Any:
+    def _webhooks(self) -> WebhookDispatcher:
         if self.webhooks is None:
             raise _BadRequest("this daemon does not run webhooks")
         return self.webhooks

@@ -27,6 +27,7 @@ from ctxsync import __version__, config, transport
 from ctxsync.alerts import AlertEvaluator
 from ctxsync.api import Api
 from ctxsync.recovery import Recovery
+from ctxsync.webhooks import WebhookDispatcher
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
 from ctxsync.crypto import PeerCard, encode_peer_card
@@ -273,6 +274,14 @@ class Daemon:
             )
             await mesh.load()
             recovery = Recovery(mesh, store, cfg.contexts)
+            webhooks = WebhookDispatcher(
+                store,
+                cfg.webhooks,
+                self.node_id,
+                current_version=lambda d: c.version if (c := mesh.contexts.get(d)) else 0,
+            )
+            mesh.on_durable.append(webhooks.notify)
+            await webhooks.start()
             listener = await transport.listen(
                 mesh.run_channel,
                 cfg.listen[0],
@@ -293,6 +302,7 @@ class Daemon:
                 allowed_hosts=self._api_hosts() if cfg.api_settings.allow_remote else frozenset(),
                 alert_rules=cfg.alerts,
                 recovery=recovery,
+                webhooks=webhooks,
             )
             try:
                 api_server = await api.listen(*cfg.api)
@@ -327,6 +337,7 @@ class Daemon:
                 await self.pairing.close()
                 if self.discovery is not None:
                     await self.discovery.stop()  # goodbye packets: peers forget this address
+                await webhooks.stop()
                 await mesh.stop()
                 await mesh.flush_unpersisted()
                 await recovery.stop()

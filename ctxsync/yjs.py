@@ -103,6 +103,8 @@ CLOSE_INTERNAL: Final = 1011
 """Close code when the store failed to commit a client's update."""
 CLOSE_TRY_AGAIN: Final = 1013
 """Close code for a client too slow to read what is sent to it, or while the store is failing."""
+CLOSE_TIMEOUT_S: Final = 10.0
+"""Time given to a closing handshake this side starts before the TCP connection is dropped, in seconds."""
 _MAX_REASON_BYTES: Final = 120  # a close reason must fit in a control frame (123 bytes)
 
 
@@ -436,7 +438,8 @@ class _Client:
         if self._queue and (
             self._queued_bytes + len(message) > MAX_QUEUED_BYTES or len(self._queue) >= MAX_QUEUED_MESSAGES
         ):
-            self.close(CLOSE_TRY_AGAIN, f"client too slow: over {len(self._queue)} messages queued")
+            queued = f"{len(self._queue) + 1} messages, {self._queued_bytes + len(message)} bytes"
+            self.close(CLOSE_TRY_AGAIN, f"client too slow: {queued} queued")
             return
         self._queue.append(message)
         self._queued_bytes += len(message)
@@ -461,8 +464,18 @@ class _Client:
         self._queue.clear()
         self._queued_bytes = 0
         self._sender.cancel()  # it may be blocked on a client that does not read
-        encoded = reason.encode("utf-8")[:_MAX_REASON_BYTES].decode("utf-8", "ignore")
-        self._closer = asyncio.create_task(self.conn.close(code, encoded), name=f"yjs-close-{self.doc_id}")
+        self._closer = asyncio.create_task(self._close(code, reason), name=f"yjs-close-{self.doc_id}")
+
+    async def _close(self, code: int, reason: str) -> None:
+        # websockets' close() waits without a timeout for the send buffer to drain, which a
+        # client that does not read never lets happen: bound it, then drop the connection.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.conn.close(
+                    code, reason.encode("utf-8")[:_MAX_REASON_BYTES].decode("utf-8", "ignore")
+                )
+        except TimeoutError:
+            self.conn.transport.abort()
 
     async def stop(self) -> None:
         """Stop sending and wait for the closing handshake this side started, if any."""
@@ -606,7 +619,7 @@ async def _receive(mesh: Mesh, client: _Client, room: _Room) -> str:
             if client.closing is not None:
                 break  # closed as too slow while handling the message
     except ConnectionClosed as exc:
-        return _close_reason(exc)
+        return client.closing[1] if client.closing is not None else _close_reason(exc)
     if client.closing is not None:
         return client.closing[1]
     return _close_reason(None, conn)
@@ -672,10 +685,21 @@ def _missing_dependencies(mesh: Mesh, doc_id: DocId, update: bytes) -> bool:
 
 
 def _close_reason(exc: ConnectionClosed | None, conn: ServerConnection | None = None) -> str:
-    """Describe how the websocket closed (the client's close frame, or a lost connection)."""
-    rcvd = exc.rcvd if exc is not None else (conn.protocol.close_rcvd if conn is not None else None)
-    if rcvd is not None:
+    """Describe how the websocket closed: who sent the first close frame, its code and reason, or a lost connection."""
+    if exc is not None:
+        rcvd, sent, rcvd_first = exc.rcvd, exc.sent, exc.rcvd_then_sent
+    elif conn is not None:
+        rcvd, sent, rcvd_first = (
+            conn.protocol.close_rcvd,
+            conn.protocol.close_sent,
+            conn.protocol.close_rcvd_then_sent,
+        )
+    else:
+        return "connection lost"
+    if rcvd is not None and (sent is None or rcvd_first):
         return f"closed by client ({rcvd.code}{' ' + rcvd.reason if rcvd.reason else ''})"
+    if sent is not None:
+        return f"closed by daemon ({sent.code}{' ' + sent.reason if sent.reason else ''})"
     return "connection lost"
 
 

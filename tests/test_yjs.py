@@ -55,13 +55,17 @@ def test_decodes_the_sync_messages_pycrdt_writes() -> None:
     assert reply is not None
     assert decode_message(reply) == SyncMessage(pycrdt.YSyncMessageType.SYNC_STEP2, doc.get_update(b"\x00"))
     update = doc.get_update()
-    assert decode_message(create_update_message(update)) == SyncMessage(pycrdt.YSyncMessageType.SYNC_UPDATE, update)
+    assert decode_message(create_update_message(update)) == SyncMessage(
+        pycrdt.YSyncMessageType.SYNC_UPDATE, update
+    )
 
 
 def test_decodes_awareness_query_and_unknown_messages() -> None:
     """Awareness, query-awareness and messages of other types (auth, custom) decode as such."""
     body = encode_awareness_update([AwarenessEntry(7, 1, b'{"a":1}')])
-    assert decode_message(create_awareness_message(body)) == AwarenessMessage((AwarenessEntry(7, 1, b'{"a":1}'),))
+    assert decode_message(create_awareness_message(body)) == AwarenessMessage(
+        (AwarenessEntry(7, 1, b'{"a":1}'),)
+    )
     assert decode_message(varuint(3)) == QueryAwareness()
     assert decode_message(varuint(2) + b"\x00anything") == UnknownMessage(2)
     assert decode_message(varuint(300)) == UnknownMessage(300)
@@ -83,7 +87,13 @@ def test_decodes_awareness_query_and_unknown_messages() -> None:
         varuint(1) + varuint(4) + varuint(1) + varuint(1) + varuint(1) + b"{",  # state not JSON
         varuint(1) + varuint(3) + varuint(1) + varuint(1) + varuint(1),  # truncated entry
         varuint(1) + varuint(2) + varuint(1000) + b"\x00",  # count beyond the bytes left
-        varuint(1) + varuint(5) + varuint(1) + varuint(1) + varuint(1) + varuint(2) + b"\xff\xfe",  # not UTF-8
+        varuint(1)
+        + varuint(5)
+        + varuint(1)
+        + varuint(1)
+        + varuint(1)
+        + varuint(2)
+        + b"\xff\xfe",  # not UTF-8
     ],
 )
 def test_malformed_messages_raise_decode_error(message: bytes) -> None:
@@ -161,13 +171,19 @@ def test_awareness_states_are_bounded() -> None:
 
 
 @contextlib.asynccontextmanager
-async def endpoint(tmp_path: Path) -> AsyncIterator[tuple[Mesh, str]]:
+async def endpoint(
+    tmp_path: Path, *, send_buffer_bytes: int | None = None
+) -> AsyncIterator[tuple[Mesh, str]]:
     """A mesh (real store in tmp_path) served at ws://127.0.0.1:PORT/yjs/CONTEXT; yields it and the URL prefix."""
     node = NetNode(tmp_path, "solo")
     mesh = await node.open([])
 
     async def handler(conn: ServerConnection) -> None:
         assert conn.request is not None
+        if send_buffer_bytes is not None:  # so that a client which does not read blocks the server soon
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes
+            )
         await yjs.serve(mesh, conn, DocId(conn.request.path.rsplit("/", 1)[1]))
 
     try:
@@ -227,7 +243,9 @@ async def test_updates_reach_other_clients_but_never_echo(tmp_path: Path) -> Non
 
                 await mesh.write(DocId("ctx"), [("k", "1")])
                 for ws, doc in ((one, doc_one), (two, doc_two)):
-                    doc.apply_update((await recv_sync(ws)).payload)  # one's first message is the write, not its echo
+                    doc.apply_update(
+                        (await recv_sync(ws)).payload
+                    )  # one's first message is the write, not its echo
                     assert len(doc.get("entries", type=Map)) == 1
             await wait_until(lambda: sum(e["event"] == "yjs.disconnected" for e in logs) == 2, T)
         connected = [e for e in logs if e["event"] == "yjs.connected"]
@@ -274,12 +292,15 @@ async def test_refused_update_closes_with_1008_and_is_logged(tmp_path: Path) -> 
         assert mesh.get(DocId("c"), "k").value == '"v"'
 
 
-async def test_a_client_too_slow_to_read_is_closed_with_1013(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_client_too_slow_to_read_is_closed_with_1013(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """When a client does not read, its queue overflows and it is closed (1013) instead of buffered without bound."""
     monkeypatch.setattr(yjs, "MAX_QUEUED_BYTES", 256 * 1024)
-    async with endpoint(tmp_path) as (_mesh, base):
-        sock = socket.create_connection(("127.0.0.1", int(base.split(":")[2].split("/")[0])))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    async with endpoint(tmp_path, send_buffer_bytes=65_536) as (_mesh, base):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65_536)  # before connecting: a small window
+        sock.connect(("127.0.0.1", int(base.split(":")[2].split("/")[0])))
         with capture_logs() as logs:
             async with websockets.connect(base + "big", sock=sock, max_queue=1, max_size=None) as slow:
                 async with websockets.connect(base + "big", max_size=None) as writer:
@@ -296,11 +317,14 @@ async def test_a_client_too_slow_to_read_is_closed_with_1013(tmp_path: Path, mon
                     await writer.send(create_sync_message(doc))  # answered once every update is applied
                     while (await recv_sync(writer)).sync_type != pycrdt.YSyncMessageType.SYNC_STEP2:
                         pass
+                received = 0
                 with pytest.raises(ConnectionClosed) as exc_info:
                     while True:
                         await asyncio.wait_for(slow.recv(), T)
-            await wait_until(lambda: any(e["event"] == "yjs.disconnected" for e in logs), T)
+                        received += 1
+            await wait_until(lambda: any("too slow" in e.get("reason", "") for e in logs), T)
         assert exc_info.value.rcvd is not None and exc_info.value.rcvd.code == 1013
         assert "too slow" in exc_info.value.rcvd.reason
+        assert received < 64  # what was queued when it overflowed was dropped
         slow_logs = [e for e in logs if e["event"] == "yjs.disconnected" and "too slow" in e["reason"]]
         assert len(slow_logs) == 1

@@ -245,7 +245,7 @@ async def test_hostile_messages_close_only_that_connection(pair: tuple[Node, Nod
     before = await get(a, "hostile", "k")
     refused_before = len(a.events("yjs.refused"))
 
-    bad_entries = Doc()
+    bad_entries: Doc[Any] = Doc()
     bad_entries.get("entries", type=Map)["k\x1fX"] = Text("not a plain value")
     attacks = [
         b"\xff" * 12,  # a varuint longer than lib0 allows
@@ -277,7 +277,9 @@ async def test_awareness_is_relayed_between_clients_of_a_context(pair: tuple[Nod
     async with websockets.connect(url(a, "presence")) as one, websockets.connect(url(a, "presence")) as two:
         await one.send(awareness_message((1111, 1, {"user": "ana", "cursor": 3})))
         assert await next_awareness(two) == {1111: {"user": "ana", "cursor": 3}}
-        assert await next_awareness(one) == {1111: {"user": "ana", "cursor": 3}}  # echoed, as y-websocket does
+        assert await next_awareness(one) == {
+            1111: {"user": "ana", "cursor": 3}
+        }  # echoed, as y-websocket does
 
         async with websockets.connect(url(a, "presence")) as three:
             assert await next_awareness(three) == {1111: {"user": "ana", "cursor": 3}}  # on connect
@@ -285,7 +287,10 @@ async def test_awareness_is_relayed_between_clients_of_a_context(pair: tuple[Nod
             assert await next_awareness(one) == {3333: {"user": "élise"}}
             assert await next_awareness(three) == {3333: {"user": "élise"}}  # its own, echoed
             await three.send(varuint(3))  # query awareness
-            assert await next_awareness(three) == {1111: {"user": "ana", "cursor": 3}, 3333: {"user": "élise"}}
+            assert await next_awareness(three) == {
+                1111: {"user": "ana", "cursor": 3},
+                3333: {"user": "élise"},
+            }
         assert await next_awareness(two) == {3333: {"user": "élise"}}
         assert await next_awareness(two) == {3333: None}  # three left
 
@@ -303,13 +308,16 @@ async def test_javascript_y_websocket_provider(pair: tuple[Node, Node], tmp_path
     node_js = shutil.which("node")
     if node_js is None:
         pytest.skip("node (Node.js) is not installed")
-    found = subprocess.run(
+    found = await asyncio.to_thread(
+        subprocess.run,
         [node_js, "-e", "require.resolve('y-websocket'); require.resolve('yjs'); require.resolve('ws')"],
         capture_output=True,
         cwd=tmp_path,
     )
     if found.returncode != 0:
-        pytest.skip("the npm packages y-websocket, yjs and ws are not installed (no network to npm here)")
+        pytest.skip(
+            "the npm packages y-websocket, yjs and ws cannot be required (not installed; no network to npm here)"
+        )
     a, _ = pair
     script = tmp_path / "client.js"
     script.write_text(
