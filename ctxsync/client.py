@@ -1,6 +1,9 @@
 """
 Python client of the local API (:mod:`ctxsync.api`), used by the CLI and by applications.
 
+:class:`Client` is the async client; :class:`SyncClient` wraps it for blocking scripts.
+docs/client.md describes both, with the exact shape of every result.
+
 Example::
 
     async with Client.for_home("~/.ctxsync") as c:
@@ -9,7 +12,12 @@ Example::
         async for change in c.watch("tasks"):
             print(change)
 
-Imports only websockets and the standard library, so short-lived CLI calls start fast.
+    with SyncClient.for_home("~/.ctxsync") as c:             # no event loop needed
+        c.set_value("tasks", "build", {"status": "ok"})
+        print(c.get_value("tasks", "build"))                 # {'status': 'ok'}
+
+Imports only websockets and the standard library (plus ``ctxsync.config`` and
+``ctxsync.errors``), so short-lived CLI calls start fast.
 """
 
 from __future__ import annotations
@@ -18,18 +26,24 @@ import asyncio
 import contextlib
 import itertools
 import json
+import threading
 import tomllib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ctxsync.config import format_hostport, parse_hostport
-from ctxsync.errors import ApiError, ConfigError, NotFound
+from ctxsync.errors import ApiError, ConfigError, EntryError, InvalidState, NotFound
+
+__all__ = ["TOKEN_FILE", "Client", "SyncClient"]
 
 TOKEN_FILE = "api.token"
+"""Name of the file in a home that holds the API token."""
+
+_T = TypeVar("_T")
 
 
 class Client:
@@ -71,9 +85,13 @@ class Client:
             api = (env or {}).get("CTXSYNC_API") or cfg["node"]["api"]
             token = (home / TOKEN_FILE).read_text().strip()
         except FileNotFoundError as exc:
-            raise ApiError(f"{home} is not a ctxsync home ({exc.filename} missing): run `ctxsync init`", code="no_home") from None
+            raise ApiError(
+                f"{home} is not a ctxsync home ({exc.filename} missing): run `ctxsync init`", code="no_home"
+            ) from None
         except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
-            raise ApiError(f"{home / 'config.toml'}: cannot read node.api ({exc})", code="bad_config") from None
+            raise ApiError(
+                f"{home / 'config.toml'}: cannot read node.api ({exc})", code="bad_config"
+            ) from None
         try:
             host, port = parse_hostport(str(api), key="node.api", path=str(home / "config.toml"))
         except ConfigError as exc:
@@ -98,12 +116,28 @@ class Client:
             )
         except InvalidStatus as exc:
             code = exc.response.status_code
+            if code == 401:
+                raise ApiError(
+                    f"the daemon at {self.url} refused the API token (HTTP 401): use the token of its home's {TOKEN_FILE}",
+                    code="unauthorized",
+                ) from None
             raise ApiError(
-                f"the daemon refused the connection (HTTP {code}): check the API token",
-                code="unauthorized" if code == 401 else "forbidden",
+                f"the daemon at {self.url} refused the connection (HTTP {code}): "
+                "connect to a loopback address, without an Origin header",
+                code="forbidden",
             ) from None
         except (OSError, TimeoutError) as exc:
-            raise ApiError(f"cannot reach the daemon at {self.url} ({exc}): is `ctxsync run` running?", code="unavailable") from None
+            reason = str(exc) or "timed out"
+            raise ApiError(
+                f"cannot reach the daemon at {self.url} ({reason}): is it running? Start it with `ctxsync run`",
+                code="unavailable",
+            ) from None
+        except InvalidHandshake as exc:
+            raise ApiError(
+                f"{self.url} did not answer as a ctxsync API ({exc}): check node.api or CTXSYNC_API, "
+                "and start the daemon with `ctxsync run`",
+                code="unavailable",
+            ) from None
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -132,7 +166,7 @@ class Client:
         except ConnectionClosed:
             pass
         finally:
-            err = ApiError("the daemon closed the connection", code="unavailable")
+            err = ApiError("the daemon closed the connection (did it stop?)", code="unavailable")
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(err)
@@ -148,7 +182,7 @@ class Client:
         try:
             await self._conn.send(json.dumps({"id": rid, "op": op, **fields}))
         except ConnectionClosed:
-            raise ApiError("the daemon closed the connection", code="unavailable") from None
+            raise ApiError("the daemon closed the connection (did it stop?)", code="unavailable") from None
         return rid, fut
 
     @staticmethod
@@ -176,6 +210,35 @@ class Client:
         """Set/delete many entries in one durable transaction; return the version."""
         return int((await self.request("set", context=context, items=[list(i) for i in items]))["version"])
 
+    async def set_value(self, context: str, key: str, value: Any) -> int:
+        """
+        Set one entry to a Python value, encoded with ``json.dumps``; return the version once durable.
+
+        Raises:
+            EntryError: ``value`` cannot be encoded as JSON (a set, NaN, ...); nothing was sent.
+        """
+        return await self.set(context, key, _dumps(key, value))
+
+    async def set_values(self, context: str, values: Mapping[str, Any]) -> int:
+        """
+        Set many entries from Python values in one durable transaction; return the version.
+
+        ``None`` is stored as JSON ``null``, not deleted: use :meth:`set_many` to delete keys
+        in the same transaction.
+
+        Raises:
+            EntryError: A value cannot be encoded as JSON; nothing was sent.
+        """
+        return await self.set_many(context, [(k, _dumps(k, v)) for k, v in values.items()])
+
+    async def get_value(self, context: str, key: str, default: Any = None) -> Any:
+        """Return an entry's value, parsed from JSON, or ``default`` if the key or context is absent."""
+        try:
+            entry = await self.get(context, key)
+        except NotFound:
+            return default
+        return entry["value"]
+
     async def delete(self, context: str, key: str) -> bool:
         """Delete an entry; return False if it was absent."""
         return bool((await self.request("set", context=context, items=[[key, None]]))["changed"])
@@ -197,7 +260,12 @@ class Client:
         return dict(await self.request("status"))
 
     async def invite(
-        self, *, contexts: list[str] | None = None, read_only: bool = False, ttl_s: float = 300.0, addr: str | None = None
+        self,
+        *,
+        contexts: list[str] | None = None,
+        read_only: bool = False,
+        ttl_s: float = 300.0,
+        addr: str | None = None,
     ) -> dict[str, Any]:
         """
         Open a pairing invite on the daemon (``ctxsync invite``).
@@ -263,7 +331,12 @@ class Client:
             yield batch
 
     async def _watch(
-        self, context: str | None, prefix: str, glob: str | None, batch_ms: int, on_ready: Callable[[], None] | None
+        self,
+        context: str | None,
+        prefix: str,
+        glob: str | None,
+        batch_ms: int,
+        on_ready: Callable[[], None] | None,
     ) -> AsyncIterator[list[dict[str, Any]]]:
         fields: dict[str, Any] = {"context": context, "prefix": prefix, "batch_ms": batch_ms}
         if glob is not None:
@@ -336,7 +409,9 @@ class Client:
         """Return the context's conflict strategy: ``{"name", "priority"}``."""
         return dict(await self.request("strategy", context=context))
 
-    async def set_strategy(self, context: str, name: str, priority: list[str] | None = None) -> dict[str, Any]:
+    async def set_strategy(
+        self, context: str, name: str, priority: list[str] | None = None
+    ) -> dict[str, Any]:
         """Set the strategy (``latest-wins`` or ``origin-priority`` with node ids, most preferred first)."""
         return dict(await self.request("strategy", context=context, name=name, priority=priority or []))
 
@@ -372,7 +447,9 @@ class Client:
 
     # -- webhooks ----------------------------------------------------------------------
 
-    async def webhook_add(self, context: str, url: str, *, prefix: str = "", secret: str | None = None) -> dict[str, Any]:
+    async def webhook_add(
+        self, context: str, url: str, *, prefix: str = "", secret: str | None = None
+    ) -> dict[str, Any]:
         """Register a webhook; the result carries its ``id`` and ``secret`` (shown only here)."""
         return dict(await self.request("webhook_add", context=context, url=url, prefix=prefix, secret=secret))
 
@@ -387,3 +464,350 @@ class Client:
     async def webhook_failures(self, webhook_id: str | None = None) -> list[dict[str, Any]]:
         """The dead-letter list: batches not delivered after the last retry."""
         return list(await self.request("webhook_failures", webhook=webhook_id))
+
+
+def _dumps(key: str, value: Any) -> str:
+    """``value`` as compact JSON text, for the ``*_value(s)`` methods."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise EntryError(f"value of {key!r} cannot be encoded as JSON: {exc}") from exc
+
+
+class SyncClient:
+    """
+    A blocking wrapper of :class:`Client`, for scripts.
+
+    It runs its own event loop in a background thread and forwards each call to a
+    :class:`Client` on that loop, with ``asyncio.run_coroutine_threadsafe``. Every method of
+    :class:`Client` is here, with the same arguments, results and errors; the watches are
+    plain iterators. Use it with ``with``::
+
+        with SyncClient.for_home("~/.ctxsync") as c:
+            c.set("tasks", "build", '{"status": "ok"}')
+            for change in c.watch("tasks", timeout_s=10.0):
+                print(change["key"], change["value"])
+
+    Because its loop is its own, it also works when called from a thread whose event loop is
+    running, but each call then blocks that loop until the daemon answers: inside async code,
+    use :class:`Client`. Methods may be called from several threads at once. They must not be
+    called from an ``on_ready`` callback, which runs on the wrapper's own loop
+    (:class:`~ctxsync.errors.InvalidState`).
+
+    Args:
+        url: ``ws://host:port/`` of the API listener.
+        token: The API token (contents of the home's ``api.token``).
+        open_timeout: Connection timeout in seconds.
+    """
+
+    def __init__(self, url: str, token: str, *, open_timeout: float = 5.0) -> None:
+        self._client = Client(url, token, open_timeout=open_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/`` of the API listener."""
+        return self._client.url
+
+    @classmethod
+    def for_home(cls, home: str | Path, *, env: Mapping[str, str] | None = None, **kwargs: Any) -> SyncClient:
+        """As :meth:`Client.for_home`."""
+        c = Client.for_home(home, env=env, **kwargs)
+        return cls(c.url, c.token, open_timeout=c.open_timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> SyncClient:
+        if self._loop is not None:
+            raise InvalidState("this SyncClient is already open")
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="ctxsync-client", daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            self._run(self._client.__aenter__())
+        except BaseException:
+            self._shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._run(self._client.__aexit__())
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Finish what is left on the loop (open watches, the resolver), stop it and join its thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = self._thread = None
+
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await loop.shutdown_asyncgens()
+            await loop.shutdown_default_executor()
+
+        try:
+            asyncio.run_coroutine_threadsafe(drain(), loop).result()
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the wrapper's loop and block until it is done."""
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            raise ApiError("client is not connected: use `with SyncClient...`", code="unavailable")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise InvalidState(
+                "a SyncClient method was called on its own loop (from on_ready?): it would wait forever"
+            )
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # KeyboardInterrupt while waiting: stop the request too
+            raise
+
+    def _iterate(self, agen: AsyncGenerator[_T, None], timeout_s: float | None) -> Iterator[_T]:
+        """Iterate ``agen`` on the loop, at most ``timeout_s`` seconds per item; close it when done."""
+        loop = self._loop
+        pending: set[asyncio.Task[Any]] = set()
+
+        async def pull() -> list[_T]:
+            task = asyncio.current_task()
+            assert task is not None
+            pending.add(task)
+            try:
+                return await asyncio.wait_for(_next_or_none(agen), timeout_s)
+            finally:
+                pending.discard(task)
+
+        async def close() -> None:
+            waiting = list(pending)
+            for t in waiting:  # a pull still running (KeyboardInterrupt): end it first
+                t.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            await agen.aclose()
+
+        try:
+            while True:
+                try:
+                    items = self._run(pull())
+                except TimeoutError:
+                    raise TimeoutError(f"no change within {timeout_s} s") from None
+                if not items:
+                    return
+                yield items[0]
+        finally:
+            if loop is not None and self._loop is loop:
+                asyncio.run_coroutine_threadsafe(close(), loop).result()
+
+    # -- requests: each blocks until the daemon answers --------------------------------
+
+    def request(self, op: str, **fields: Any) -> Any:
+        """Blocking :meth:`Client.request`."""
+        return self._run(self._client.request(op, **fields))
+
+    def set(self, context: str, key: str, value_json: str) -> int:
+        """Blocking :meth:`Client.set`."""
+        return self._run(self._client.set(context, key, value_json))
+
+    def set_many(self, context: str, items: list[tuple[str, str | None]]) -> int:
+        """Blocking :meth:`Client.set_many`."""
+        return self._run(self._client.set_many(context, items))
+
+    def set_value(self, context: str, key: str, value: Any) -> int:
+        """Blocking :meth:`Client.set_value`."""
+        return self._run(self._client.set_value(context, key, value))
+
+    def set_values(self, context: str, values: Mapping[str, Any]) -> int:
+        """Blocking :meth:`Client.set_values`."""
+        return self._run(self._client.set_values(context, values))
+
+    def get_value(self, context: str, key: str, default: Any = None) -> Any:
+        """Blocking :meth:`Client.get_value`."""
+        return self._run(self._client.get_value(context, key, default))
+
+    def delete(self, context: str, key: str) -> bool:
+        """Blocking :meth:`Client.delete`."""
+        return self._run(self._client.delete(context, key))
+
+    def get(self, context: str, key: str, *, conflicts: bool = False) -> dict[str, Any]:
+        """Blocking :meth:`Client.get`."""
+        return self._run(self._client.get(context, key, conflicts=conflicts))
+
+    def get_all(self, context: str, prefix: str = "") -> dict[str, Any]:
+        """Blocking :meth:`Client.get_all`."""
+        return self._run(self._client.get_all(context, prefix))
+
+    def keys(self, context: str, prefix: str = "") -> list[str]:
+        """Blocking :meth:`Client.keys`."""
+        return self._run(self._client.keys(context, prefix))
+
+    def status(self) -> dict[str, Any]:
+        """Blocking :meth:`Client.status`."""
+        return self._run(self._client.status())
+
+    def invite(
+        self,
+        *,
+        contexts: list[str] | None = None,
+        read_only: bool = False,
+        ttl_s: float = 300.0,
+        addr: str | None = None,
+    ) -> dict[str, Any]:
+        """Blocking :meth:`Client.invite`."""
+        return self._run(self._client.invite(contexts=contexts, read_only=read_only, ttl_s=ttl_s, addr=addr))
+
+    def reload_peers(self) -> int:
+        """Blocking :meth:`Client.reload_peers`."""
+        return self._run(self._client.reload_peers())
+
+    def history(
+        self, context: str, *, key: str | None = None, since: int | None = None, limit: int = 100
+    ) -> dict[str, Any]:
+        """Blocking :meth:`Client.history`."""
+        return self._run(self._client.history(context, key=key, since=since, limit=limit))
+
+    def changes(self, context: str, since: int = 0, *, limit: int = 1000) -> dict[str, Any]:
+        """Blocking :meth:`Client.changes`."""
+        return self._run(self._client.changes(context, since, limit=limit))
+
+    def resolve(self, context: str, key: str, value_json: str) -> dict[str, Any]:
+        """Blocking :meth:`Client.resolve`."""
+        return self._run(self._client.resolve(context, key, value_json))
+
+    def strategy(self, context: str) -> dict[str, Any]:
+        """Blocking :meth:`Client.strategy`."""
+        return self._run(self._client.strategy(context))
+
+    def set_strategy(self, context: str, name: str, priority: list[str] | None = None) -> dict[str, Any]:
+        """Blocking :meth:`Client.set_strategy`."""
+        return self._run(self._client.set_strategy(context, name, priority))
+
+    def snapshot(self, context: str, *, label: str | None = None, meta: Any = None) -> dict[str, Any]:
+        """Blocking :meth:`Client.snapshot`."""
+        return self._run(self._client.snapshot(context, label=label, meta=meta))
+
+    def snapshots(self, context: str | None = None) -> list[dict[str, Any]]:
+        """Blocking :meth:`Client.snapshots`."""
+        return self._run(self._client.snapshots(context))
+
+    def snapshot_show(self, snapshot_id: str) -> dict[str, Any]:
+        """Blocking :meth:`Client.snapshot_show`."""
+        return self._run(self._client.snapshot_show(snapshot_id))
+
+    def snapshot_diff(self, snapshot_id: str, other_id: str | None = None) -> dict[str, Any]:
+        """Blocking :meth:`Client.snapshot_diff`."""
+        return self._run(self._client.snapshot_diff(snapshot_id, other_id))
+
+    def snapshot_delete(self, snapshot_id: str) -> None:
+        """Blocking :meth:`Client.snapshot_delete`."""
+        self._run(self._client.snapshot_delete(snapshot_id))
+
+    def restore(self, context: str, snapshot_id: str) -> dict[str, Any]:
+        """Blocking :meth:`Client.restore`."""
+        return self._run(self._client.restore(context, snapshot_id))
+
+    def adopt(self, context: str, peer: str) -> dict[str, Any]:
+        """Blocking :meth:`Client.adopt`."""
+        return self._run(self._client.adopt(context, peer))
+
+    def webhook_add(
+        self, context: str, url: str, *, prefix: str = "", secret: str | None = None
+    ) -> dict[str, Any]:
+        """Blocking :meth:`Client.webhook_add`."""
+        return self._run(self._client.webhook_add(context, url, prefix=prefix, secret=secret))
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Blocking :meth:`Client.webhooks`."""
+        return self._run(self._client.webhooks())
+
+    def webhook_remove(self, webhook_id: str) -> None:
+        """Blocking :meth:`Client.webhook_remove`."""
+        self._run(self._client.webhook_remove(webhook_id))
+
+    def webhook_failures(self, webhook_id: str | None = None) -> list[dict[str, Any]]:
+        """Blocking :meth:`Client.webhook_failures`."""
+        return self._run(self._client.webhook_failures(webhook_id))
+
+    # -- watches: plain iterators --------------------------------------------------------
+
+    def watch(
+        self,
+        context: str | None,
+        prefix: str = "",
+        *,
+        glob: str | None = None,
+        on_ready: Callable[[], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """
+        Iterate over changes, as :meth:`Client.watch`; the iteration ends when the daemon stops.
+
+        The watch has a connection of its own, so closing the iterator (``break`` out of the
+        ``for`` loop, or ``close()``) ends the subscription on the daemon too.
+
+        Args:
+            context, prefix, glob: As :meth:`Client.watch`.
+            on_ready: As :meth:`Client.watch`; it is called on the wrapper's thread, and must
+                not call the wrapper.
+            timeout_s: Longest wait for the next change, in seconds (``None``: no limit).
+
+        Raises:
+            TimeoutError: No change came within ``timeout_s`` seconds; the watch is closed.
+            ApiError: As :meth:`Client.watch` (``code="overflow"`` if it fell behind).
+        """
+        yield from self._iterate(self._watch(context, prefix, glob, None, on_ready), timeout_s)
+
+    def watch_batches(
+        self,
+        context: str | None,
+        prefix: str = "",
+        *,
+        glob: str | None = None,
+        batch_ms: int = 100,
+        on_ready: Callable[[], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """As :meth:`watch`, but yield lists of changes, as :meth:`Client.watch_batches`."""
+        yield from self._iterate(self._watch(context, prefix, glob, batch_ms, on_ready), timeout_s)
+
+    async def _watch(
+        self,
+        context: str | None,
+        prefix: str,
+        glob: str | None,
+        batch_ms: int | None,
+        on_ready: Callable[[], None] | None,
+    ) -> AsyncGenerator[Any, None]:
+        """A watch on a connection of its own, which closes with it."""
+        async with Client(
+            self._client.url, self._client.token, open_timeout=self._client.open_timeout
+        ) as own:
+            if batch_ms is None:
+                async for change in own.watch(context, prefix, glob=glob, on_ready=on_ready):
+                    yield change
+            else:
+                async for batch in own.watch_batches(
+                    context, prefix, glob=glob, batch_ms=batch_ms, on_ready=on_ready
+                ):
+                    yield batch
+
+
+async def _next_or_none(agen: AsyncIterator[_T]) -> list[_T]:
+    """The next item of ``agen`` in a list, or ``[]`` at its end."""
+    try:
+        return [await anext(agen)]
+    except StopAsyncIteration:
+        return []

@@ -11,10 +11,18 @@ type       fields
 0 HELLO    varuint protocol_version, varstring node_id, varstring name
 1 STEP1    varstring doc_id, varbytes state_vector, varstring lineage (protocol 2)
 2 STEP2    varstring doc_id, varbytes update
-3 UPDATE   varstring doc_id, varuint count, count x varbytes update
+3 UPDATE   varstring doc_id, varuint count, count x varbytes update,
+           varuint origin_ms (protocol 2)
 4 CHUNK    varuint final (0/1), varbytes part of one encoded STEP2/UPDATE frame
 5 GOODBYE  varstring reason
+6 ACK      varuint received (protocol 2)
 =========  ===============================================================
+
+``origin_ms`` is when the oldest update of the frame was committed on the node that made it
+(Unix time, milliseconds; 0 when unknown): the receiver's replication lag. ``received`` counts
+the STEP2 and UPDATE messages (after CHUNK reassembly) the sender of the ACK has processed on
+this connection: the receiver of the ACK learns what its peer has applied (acknowledgement lag,
+updates and bytes behind) without synchronised clocks.
 
 ``state_vector`` and ``update`` are Yjs v1 encodings, exactly as pycrdt's
 ``Doc.get_state()`` and ``Doc.get_update()`` produce them (the same bytes y-protocols
@@ -49,6 +57,7 @@ class MessageType(IntEnum):
     SYNC_UPDATE = 3
     CHUNK = 4
     GOODBYE = 5
+    ACK = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,8 @@ class SyncUpdate:
     doc_id: DocId
     updates: tuple[bytes, ...]
     """Yjs v1 updates; the receiver applies them in one transaction."""
+    origin_ms: int = 0
+    """When the oldest of them was committed on the node that made it, Unix ms; 0 if unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +116,14 @@ class Goodbye:
     reason: str
 
 
-Message: TypeAlias = Hello | SyncStep1 | SyncStep2 | SyncUpdate | Chunk | Goodbye
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The sender has processed this many STEP2/UPDATE messages of the connection."""
+
+    received: int
+
+
+Message: TypeAlias = Hello | SyncStep1 | SyncStep2 | SyncUpdate | Chunk | Goodbye | Ack
 
 MAX_NAME_CHARS = 256
 MAX_REASON_CHARS = 1024
@@ -220,12 +238,16 @@ def encode(message: Message) -> bytes:
             _varuint(MessageType.SYNC_STEP2, out)
             _varstring(doc_id, out)
             _varbytes(update, out)
-        case SyncUpdate(doc_id, updates):
+        case SyncUpdate(doc_id, updates, origin_ms):
             _varuint(MessageType.SYNC_UPDATE, out)
             _varstring(doc_id, out)
             _varuint(len(updates), out)
             for u in updates:
                 _varbytes(u, out)
+            _varuint(origin_ms, out)
+        case Ack(received):
+            _varuint(MessageType.ACK, out)
+            _varuint(received, out)
         case Chunk(final, data):
             _varuint(MessageType.CHUNK, out)
             _varuint(1 if final else 0, out)
@@ -268,7 +290,9 @@ def decode(frame: bytes) -> Message:
         # bytes left is a lie: refuse before allocating.
         if count > len(frame) - r.pos or count > MAX_UPDATES_PER_FRAME:
             raise DecodeError(f"update count {count} exceeds the frame")
-        msg = SyncUpdate(doc_id, tuple(r.varbytes() for _ in range(count)))
+        msg = SyncUpdate(doc_id, tuple(r.varbytes() for _ in range(count)), r.varuint())
+    elif kind == MessageType.ACK:
+        msg = Ack(r.varuint())
     elif kind == MessageType.CHUNK:
         final = r.varuint()
         if final not in (0, 1):
@@ -308,7 +332,9 @@ def encode_chunked(message: Message, max_frame_bytes: int) -> list[bytes]:
     return [encode(Chunk(i == last, frame[i : i + step])) for i in parts]
 
 
-def pack_updates(doc_id: DocId, updates: list[bytes], max_frame_bytes: int) -> Iterator[list[bytes]]:
+def pack_updates(
+    doc_id: DocId, updates: list[bytes], max_frame_bytes: int, origin_ms: int = 0
+) -> Iterator[list[bytes]]:
     """
     Group live updates of one context into as few frames as fit the frame limit.
 
@@ -316,6 +342,7 @@ def pack_updates(doc_id: DocId, updates: list[bytes], max_frame_bytes: int) -> I
         doc_id: The context.
         updates: Yjs v1 updates in the order they were applied.
         max_frame_bytes: The peer's frame limit in bytes.
+        origin_ms: Carried in every message (see :class:`SyncUpdate`).
 
     Yields:
         The frames of one message each: one frame, or the CHUNK frames of an update too
@@ -327,12 +354,12 @@ def pack_updates(doc_id: DocId, updates: list[bytes], max_frame_bytes: int) -> I
     for u in updates:
         cost = len(u) + 5
         if batch and size + cost > budget:
-            yield [encode(SyncUpdate(doc_id, tuple(batch)))]
+            yield [encode(SyncUpdate(doc_id, tuple(batch), origin_ms))]
             batch, size = [], 0
         if cost > budget:
-            yield encode_chunked(SyncUpdate(doc_id, (u,)), max_frame_bytes)
+            yield encode_chunked(SyncUpdate(doc_id, (u,), origin_ms), max_frame_bytes)
             continue
         batch.append(u)
         size += cost
     if batch:
-        yield [encode(SyncUpdate(doc_id, tuple(batch)))]
+        yield [encode(SyncUpdate(doc_id, tuple(batch), origin_ms))]

@@ -196,6 +196,8 @@ class PeerState:
     """Recent RTT samples (one per pong), in milliseconds: the sliding window of the percentiles."""
     out_of_sync_since: dict[DocId, float] = field(default_factory=dict)
     """Per shared context, when (monotonic seconds) :meth:`Mesh.status` first saw it out of sync."""
+    replication_lag_ms: dict[DocId, float] = field(default_factory=dict)
+    """Per context, the last replication lag seen from this peer: origin commit to apply here (ms)."""
     remote_lineage: dict[DocId, str] = field(default_factory=dict)
     """The lineage the peer last announced (sync step 1) per context; kept across sessions."""
 
@@ -560,7 +562,11 @@ class Mesh:
                 reason = "read-only peer" if st.config.read_only else "read-only context"
                 log.warning("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason=reason)
         else:
-            self._apply_remote(session, doc_id, updates)
+            origin_ms = message.origin_ms if isinstance(message, SyncUpdate) else 0
+            self._apply_remote(session, doc_id, updates, origin_ms)
+            if origin_ms:
+                # Wall clocks of two machines: skew shows here (ack_lag_ms needs no clock sync).
+                st.replication_lag_ms[doc_id] = max(0.0, time.time() * 1000 - origin_ms)
         if isinstance(message, SyncStep2) and not session.synced.get(doc_id, True):
             session.synced[doc_id] = True
             started = session.step1_sent_at.get(doc_id, time.monotonic())
@@ -610,7 +616,7 @@ class Mesh:
     def _lineage_matches(st: PeerState, ctx: Context) -> bool:
         return st.remote_lineage.get(ctx.doc_id, ctx.lineage) == ctx.lineage
 
-    def _apply_remote(self, session: PeerSession, doc_id: DocId, updates: list[bytes]) -> None:
+    def _apply_remote(self, session: PeerSession, doc_id: DocId, updates: list[bytes], origin_ms: int = 0) -> None:
         received = sum(1 for u in updates if u != _EMPTY_UPDATE)  # an empty step 2 is no update
         self.updates_received += received
         session.stats.received_updates += received
@@ -619,7 +625,9 @@ class Mesh:
         if ctx is None:
             return
         for update in result.updates:
-            self._persist_nowait(self._committed(ctx, update, exclude=session.peer_id, origin=session.peer_id))
+            self._persist_nowait(
+                self._committed(ctx, update, exclude=session.peer_id, origin=session.peer_id, origin_ms=origin_ms)
+            )
         if result.missing:
             self._ask_for_missing(session, ctx)
         reasserts = ctx.entries.take_reasserts()
@@ -659,7 +667,7 @@ class Mesh:
             self._retain(p, exc)
             return exc
         self._durable(p)
-        self._send(p.doc_id, p.update, exclude=None)
+        self._send(p.doc_id, p.update, exclude=None, origin_ms=_now_ms())
         return None
 
     def _durable(self, p: _Pending) -> None:
@@ -811,7 +819,7 @@ class Mesh:
         for p in pending:
             self._durable(p)
             if p.local:  # durable at last: now peers may have it
-                self._send(p.doc_id, p.update, exclude=None)
+                self._send(p.doc_id, p.update, exclude=None, origin_ms=_now_ms())
         return len(pending)
 
     async def flush_unpersisted(self) -> bool:
@@ -851,7 +859,15 @@ class Mesh:
         return ctx
 
     def _committed(
-        self, ctx: Context, update: bytes, *, exclude: NodeId | None, origin: str, send: bool = True, tag: object = None
+        self,
+        ctx: Context,
+        update: bytes,
+        *,
+        exclude: NodeId | None,
+        origin: str,
+        send: bool = True,
+        tag: object = None,
+        origin_ms: int = 0,
     ) -> _Pending:
         """
         Count a new version, record its history, tell watchers and raw-update subscribers, and
@@ -860,6 +876,8 @@ class Mesh:
         Args:
             origin: Who applied it here: a peer's node id, or this node's for local writes.
             tag: Passed to raw-update subscribers (a Yjs connection skips its own updates).
+            origin_ms: When the update was committed where it was made (Unix ms; 0 if unknown),
+                passed on with it (replication lag).
 
         Returns:
             What to hand to the store: the update with its history records.
@@ -894,17 +912,17 @@ class Mesh:
         for hook in self.on_version:
             hook(ctx)
         if send:
-            self._send(ctx.doc_id, update, exclude=exclude)
+            self._send(ctx.doc_id, update, exclude=exclude, origin_ms=origin_ms)
         return _Pending(ctx.doc_id, ctx.version, update, ctx.lineage, history, local=origin == self.node_id)
 
-    def _send(self, doc_id: DocId, update: bytes, *, exclude: NodeId | None) -> None:
+    def _send(self, doc_id: DocId, update: bytes, *, exclude: NodeId | None, origin_ms: int = 0) -> None:
         """Queue ``update`` for every open session sharing ``doc_id`` (and its lineage), except ``exclude``'s."""
         ctx = self.contexts.get(doc_id)
         for pid, st in self.peers.items():
             if pid == exclude or st.session is None or not st.session.is_open:
                 continue
             if st.config.shares(doc_id) and (ctx is None or self._lineage_matches(st, ctx)):
-                st.session.send_update(doc_id, update)
+                st.session.send_update(doc_id, update, origin_ms)
                 self.updates_sent += 1
 
     async def write(self, doc_id: DocId, items: list[tuple[str, str | None]]) -> tuple[int, int]:
@@ -1204,6 +1222,14 @@ class Mesh:
                 else:
                     since = st.out_of_sync_since.setdefault(d, now)
                     contexts[d] = {"in_sync": False, "out_of_sync_s": round(now - since, 3)}
+                behind = s.behind(d) if s is not None and open_ else (None, None)
+                lag = st.replication_lag_ms.get(d)
+                contexts[d].update(
+                    updates_behind=behind[0],
+                    bytes_behind=behind[1],
+                    replication_lag_ms=round(lag, 3) if lag is not None else None,
+                    ack_lag_ms=s.ack_lag_ms.get(d) if s is not None else None,
+                )
             for d in [d for d in st.out_of_sync_since if d not in contexts]:
                 del st.out_of_sync_since[d]
             p50, p90, p99 = _percentiles(st.rtt_ms, (0.5, 0.9, 0.99))
@@ -1245,6 +1271,10 @@ class Mesh:
             "lineage_mismatches": self.lineage_mismatches(),
             "peers": peers,
         }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _percentiles(samples: Iterable[float], qs: tuple[float, ...]) -> list[float | None]:

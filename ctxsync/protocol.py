@@ -18,6 +18,7 @@ from __future__ import annotations
 from enum import Enum
 
 from ctxsync.codec import (
+    Ack,
     Chunk,
     Goodbye,
     Hello,
@@ -60,6 +61,7 @@ TRANSITIONS: dict[State, dict[MessageType, State]] = {
         MessageType.SYNC_STEP2: State.OPEN,
         MessageType.SYNC_UPDATE: State.OPEN,
         MessageType.CHUNK: State.OPEN,
+        MessageType.ACK: State.OPEN,
         MessageType.GOODBYE: State.CLOSED,
     },
     State.CLOSED: {},
@@ -73,6 +75,7 @@ _TYPE_OF: dict[type, MessageType] = {
     SyncUpdate: MessageType.SYNC_UPDATE,
     Chunk: MessageType.CHUNK,
     Goodbye: MessageType.GOODBYE,
+    Ack: MessageType.ACK,
 }
 
 
@@ -138,11 +141,24 @@ class PeerProtocol:
         self._check_can_send()
         self._out.extend(encode_chunked(SyncStep2(doc_id, update), self.max_frame_bytes))
 
-    def send_updates(self, doc_id: DocId, updates: list[bytes]) -> None:
-        """Queue live updates of ``doc_id``, packed into as few frames as fit."""
+    def send_updates(self, doc_id: DocId, updates: list[bytes], origin_ms: int = 0) -> int:
+        """
+        Queue live updates of ``doc_id``, packed into as few frames as fit.
+
+        Returns:
+            How many UPDATE messages they took (what the peer's :class:`Ack` counts).
+        """
         self._check_can_send()
-        for frames in pack_updates(doc_id, updates, self.max_frame_bytes):
+        messages = 0
+        for frames in pack_updates(doc_id, updates, self.max_frame_bytes, origin_ms):
             self._out.extend(frames)
+            messages += 1
+        return messages
+
+    def send_ack(self, received: int) -> None:
+        """Queue an ACK: this side has processed ``received`` STEP2/UPDATE messages."""
+        self._check_can_send()
+        self._out.append(encode(Ack(received)))
 
     def send_goodbye(self, reason: str) -> None:
         """Queue Goodbye; afterwards nothing more can be sent."""

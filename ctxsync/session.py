@@ -17,6 +17,7 @@ from the peer's last known state vector instead (the handler computes it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Protocol
 
 import structlog
 
-from ctxsync.codec import Goodbye, Hello, Message
+from ctxsync.codec import Ack, Goodbye, Hello, Message, SyncStep2, SyncUpdate
 from ctxsync.errors import (
     CtxSyncError,
     HandshakeRejected,
@@ -115,7 +116,16 @@ class PeerSession:
         """Per context: True once our sync step 1 was answered by the peer's step 2."""
         self.step1_sent_at: dict[DocId, float] = {}
         """Per context: ``time.monotonic()`` when our step 1 was queued."""
-        self._outbox: list[tuple[str, DocId | None, list[bytes]]] = []
+        self._outbox: list[tuple[str, DocId | None, list[bytes], int]] = []
+        """Queued messages: (kind, doc_id, payload, origin_ms of the oldest update in it)."""
+        self._sent_messages = 0
+        """STEP2/UPDATE messages sent on this connection (what the peer's ACK counts)."""
+        self._unacked: collections.deque[tuple[int, DocId, int, int, float]] = collections.deque()
+        """Sent, not yet acknowledged: (message number, doc_id, updates, bytes, monotonic send time)."""
+        self._received_messages = 0
+        self._ack_queued = False
+        self.ack_lag_ms: dict[DocId, float] = {}
+        """Per context, the last acknowledgement lag: our send to the peer's ACK covering it (ms)."""
         self._queued_bytes = 0
         self._resync: set[DocId] = set()
         self._wakeup = asyncio.Event()
@@ -128,30 +138,53 @@ class PeerSession:
         """Queue sync step 1 for ``doc_id`` (``lineage``: this node's lineage id of it, empty if it has none)."""
         self.step1_sent_at[doc_id] = time.monotonic()
         self.synced[doc_id] = False
-        self._queue("step1", doc_id, [state_vector, lineage.encode()])
+        self._queue("step1", doc_id, [state_vector, lineage.encode()], 0)
 
     def send_step2(self, doc_id: DocId, update: bytes) -> None:
         """Queue sync step 2 (the update the peer's state vector misses)."""
-        self._queue("step2", doc_id, [update])
+        self._queue("step2", doc_id, [update], 0)
 
-    def send_update(self, doc_id: DocId, update: bytes) -> None:
-        """Queue one live update; consecutive ones of a context share a frame."""
+    def send_update(self, doc_id: DocId, update: bytes, origin_ms: int = 0) -> None:
+        """
+        Queue one live update; consecutive ones of a context share a frame.
+
+        Args:
+            origin_ms: When the update was committed on the node that made it (Unix ms; 0 if
+                unknown); a frame carries the oldest of its updates'.
+        """
         if doc_id in self._resync or self._closed.is_set():
             return  # the resync will carry it / nobody will send it
         if self._queued_bytes + len(update) > self.max_queue_bytes:
             self._overflow(doc_id)
             return
-        if self._outbox and self._outbox[-1][0] == "update" and self._outbox[-1][1] == doc_id:
-            self._outbox[-1][2].append(update)
+        last = self._outbox[-1] if self._outbox else None
+        if last is not None and last[0] == "update" and last[1] == doc_id:
+            last[2].append(update)
+            if origin_ms and (not last[3] or origin_ms < last[3]):
+                self._outbox[-1] = (last[0], last[1], last[2], origin_ms)
             self._queued_bytes += len(update)
             self._wakeup.set()
             return
-        self._queue("update", doc_id, [update])
+        self._queue("update", doc_id, [update], origin_ms)
 
-    def _queue(self, kind: str, doc_id: DocId | None, payload: list[bytes]) -> None:
+    def behind(self, doc_id: DocId) -> tuple[int, int]:
+        """
+        How far the peer is behind this side for ``doc_id``: ``(updates, bytes)`` queued or sent
+        and not yet acknowledged (a step 2 counts as one update).
+        """
+        updates = size = 0
+        for _, d, n, b, _ in self._unacked:
+            if d == doc_id:
+                updates, size = updates + n, size + b
+        for kind, queued_doc, payload, _ in self._outbox:
+            if queued_doc == doc_id and kind in ("update", "step2"):
+                updates, size = updates + len(payload), size + sum(len(p) for p in payload)
+        return updates, size
+
+    def _queue(self, kind: str, doc_id: DocId | None, payload: list[bytes], origin_ms: int) -> None:
         if self._closed.is_set():
             return
-        self._outbox.append((kind, doc_id, payload))
+        self._outbox.append((kind, doc_id, payload, origin_ms))
         self._queued_bytes += sum(len(p) for p in payload)
         self._wakeup.set()
 
@@ -165,7 +198,7 @@ class PeerSession:
                 kept.append(item)
         self._outbox = kept
         self._resync.add(doc_id)
-        self._outbox.append(("resync", doc_id, []))
+        self._outbox.append(("resync", doc_id, [], 0))
         log.warning("peer.queue_overflow", peer_id=self.peer_id, doc_id=doc_id, session_id=self.session_id)
         self._wakeup.set()
 
@@ -251,7 +284,7 @@ class PeerSession:
             await self._say_goodbye(reason)
             self._closed.set()
             return
-        self._outbox.append(("goodbye", None, []))
+        self._outbox.append(("goodbye", None, [], 0))
         self._wakeup.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closed.wait(), 2.0)
@@ -279,7 +312,12 @@ class PeerSession:
             for msg in self.protocol.events_received():
                 if isinstance(msg, Goodbye):
                     return f"peer said goodbye: {msg.reason}"
+                if isinstance(msg, Ack):
+                    self._on_ack(msg.received)
+                    continue
                 self.handler.on_message(self, msg)
+                if isinstance(msg, (SyncStep2, SyncUpdate)):
+                    self._received()
 
     def _count_received(self, frame: bytes) -> None:
         self.stats.received_frames += 1
@@ -291,24 +329,52 @@ class PeerSession:
             self._wakeup.clear()
             items, self._outbox = self._outbox, []
             self._queued_bytes = 0
-            for kind, doc_id, payload in items:
+            for kind, doc_id, payload, origin_ms in items:
                 if kind == "goodbye":
                     await self._say_goodbye(self.close_reason)
                     return self.close_reason
+                if kind == "ack":
+                    self._ack_queued = False
+                    self.protocol.send_ack(self._received_messages)
+                    await self._write_frames(self.protocol.frames_to_send())
+                    continue
                 assert doc_id is not None
                 if kind == "step1":
                     self.protocol.send_step1(doc_id, payload[0], payload[1].decode())
                 elif kind == "step2":
                     self.protocol.send_step2(doc_id, payload[0])
+                    self._sent(doc_id, 1, 1, len(payload[0]))
                 elif kind == "update":
-                    self.protocol.send_updates(doc_id, payload)
+                    messages = self.protocol.send_updates(doc_id, payload, origin_ms)
                     self.stats.sent_updates += len(payload)
+                    self._sent(doc_id, messages, len(payload), sum(len(p) for p in payload))
                 elif kind == "resync":
                     self._resync.discard(doc_id)
                     update = self.handler.resync_update(self, doc_id)
                     if update is not None:
                         self.protocol.send_step2(doc_id, update)
+                        self._sent(doc_id, 1, 1, len(update))
                 await self._write_frames(self.protocol.frames_to_send())
+
+    def _sent(self, doc_id: DocId, messages: int, updates: int, size: int) -> None:
+        self._sent_messages += messages
+        self._unacked.append((self._sent_messages, doc_id, updates, size, time.monotonic()))
+
+    def _on_ack(self, received: int) -> None:
+        """The peer has processed ``received`` of our STEP2/UPDATE messages: settle what it covers."""
+        # An ACK only feeds figures (lag, behind), never correctness: one that counts more than
+        # was sent (a buggy peer) settles everything rather than ending the session.
+        now = time.monotonic()
+        while self._unacked and self._unacked[0][0] <= received:
+            _, doc_id, _, _, sent_at = self._unacked.popleft()
+            self.ack_lag_ms[doc_id] = round((now - sent_at) * 1000, 3)
+
+    def _received(self) -> None:
+        """Count one processed STEP2/UPDATE message and make sure an ACK is on its way."""
+        self._received_messages += 1
+        if not self._ack_queued:
+            self._ack_queued = True
+            self._queue("ack", None, [], 0)
 
     async def _write_frames(self, frames: list[bytes]) -> None:
         for frame in frames:

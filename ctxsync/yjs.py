@@ -496,6 +496,11 @@ class _Client:
                 self._ready.clear()
         except ConnectionClosed:
             return  # the receive side sees it too and ends the connection
+        except Exception as exc:  # a bug: never leave a client silently without updates
+            log.error(
+                "yjs.send_failed", doc_id=self.doc_id, client=self.addr, error=f"{type(exc).__name__}: {exc}"
+            )
+            self.close(CLOSE_INTERNAL, "internal error while sending")
 
 
 class _Room:

@@ -12,6 +12,7 @@ from ctxsync.codec import (
     MAX_NAME_CHARS,
     MAX_REASON_CHARS,
     MAX_UPDATES_PER_FRAME,
+    Ack,
     Chunk,
     Goodbye,
     Hello,
@@ -51,6 +52,10 @@ SAMPLES: list[Message] = [
     SyncUpdate(D, ()),
     SyncUpdate(D, (b"",)),
     SyncUpdate(D, (b"a", b"", b"c" * 300, bytes(range(256)))),
+    SyncUpdate(D, (b"u",), 1_767_000_000_123),
+    SyncStep1(D, b"\x00", "lineage-Id_22-chars-xx"),
+    Ack(0),
+    Ack(2**40),
     Chunk(False, b""),
     Chunk(True, b"xyz"),
     Chunk(False, b"\x00" * 200),
@@ -67,6 +72,7 @@ FRAMES_BY_TYPE: dict[MessageType, bytes] = {
     MessageType.SYNC_UPDATE: encode(SyncUpdate(D, (b"ab", b"", b"c" * 129))),
     MessageType.CHUNK: encode(Chunk(True, b"part")),
     MessageType.GOODBYE: encode(Goodbye("bye ☃")),
+    MessageType.ACK: encode(Ack(300)),
 }
 
 
@@ -98,6 +104,7 @@ def type_of(message: Message) -> MessageType:
         SyncUpdate: MessageType.SYNC_UPDATE,
         Chunk: MessageType.CHUNK,
         Goodbye: MessageType.GOODBYE,
+        Ack: MessageType.ACK,
     }[type(message)]
 
 
@@ -116,6 +123,7 @@ def test_message_types_are_stable() -> None:
         "SYNC_UPDATE": 3,
         "CHUNK": 4,
         "GOODBYE": 5,
+        "ACK": 6,
     }
 
 
@@ -125,7 +133,9 @@ def test_encoding_matches_the_documented_layout() -> None:
     assert encode(SyncStep1(D, b"sv")) == b"\x01" + varbytes(b"notes") + varbytes(b"sv") + varbytes(b"")
     assert encode(SyncStep1(D, b"sv", "L1")) == b"\x01" + varbytes(b"notes") + varbytes(b"sv") + varbytes(b"L1")
     assert encode(SyncStep2(D, b"up")) == b"\x02" + varbytes(b"notes") + varbytes(b"up")
-    assert encode(SyncUpdate(D, (b"u", b""))) == b"\x03" + varbytes(b"notes") + b"\x02\x01u\x00"
+    assert encode(SyncUpdate(D, (b"u", b""))) == b"\x03" + varbytes(b"notes") + b"\x02\x01u\x00" + b"\x00"
+    assert encode(SyncUpdate(D, (b"u",), 300)) == b"\x03" + varbytes(b"notes") + b"\x01\x01u" + varuint(300)
+    assert encode(Ack(5)) == b"\x06\x05"
     assert encode(Chunk(True, b"p")) == b"\x04\x01\x01p"
     assert encode(Chunk(False, b"")) == b"\x04\x00\x00"
     assert encode(Goodbye("bye")) == b"\x05" + varbytes(b"bye")
@@ -146,9 +156,9 @@ def test_round_trip_multi_megabyte(message: Message) -> None:
 
 
 def test_zero_count_update_list_round_trips() -> None:
-    """A SyncUpdate with no updates is one count byte after the name."""
+    """A SyncUpdate with no updates is one count byte after the name (then origin_ms)."""
     frame = encode(SyncUpdate(D, ()))
-    assert frame == b"\x03\x05notes\x00"
+    assert frame == b"\x03\x05notes\x00\x00"
     assert decode(frame) == SyncUpdate(D, ())
 
 
@@ -235,9 +245,9 @@ def test_empty_frame_is_refused() -> None:
         decode(b"")
 
 
-@pytest.mark.parametrize("kind", [6, 7, 127, 128, 2**32, 2**63])
+@pytest.mark.parametrize("kind", [7, 8, 127, 128, 2**32, 2**63])
 def test_unknown_message_type_is_refused(kind: int) -> None:
-    """A message type outside 0..5 is refused."""
+    """A message type outside 0..6 is refused."""
     with pytest.raises(DecodeError, match="unknown message type"):
         decode(varuint(kind) + b"\x00" * 8)
 
@@ -552,7 +562,7 @@ def decodes_or_refuses(frame: bytes) -> None:
         msg = decode(frame)
     except DecodeError:
         return
-    assert isinstance(msg, (Hello, SyncStep1, SyncStep2, SyncUpdate, Chunk, Goodbye))
+    assert isinstance(msg, (Hello, SyncStep1, SyncStep2, SyncUpdate, Chunk, Goodbye, Ack))
     assert decode(encode(msg)) == msg
 
 

@@ -8,6 +8,7 @@ import pytest
 from pycrdt import Doc, Map, TransactionEvent
 
 from ctxsync.codec import (
+    Ack,
     Chunk,
     Goodbye,
     Hello,
@@ -42,6 +43,7 @@ FRAME_OF: dict[MessageType, bytes] = {
     MessageType.SYNC_UPDATE: encode(SyncUpdate(D, (b"\x00\x00",))),
     MessageType.CHUNK: encode(Chunk(True, encode(SyncStep2(D, b"\x00\x00")))),
     MessageType.GOODBYE: encode(Goodbye("bye")),
+    MessageType.ACK: encode(Ack(0)),
 }
 
 
@@ -445,8 +447,8 @@ def test_goodbye_is_sent_once() -> None:
 
 
 def test_transitions_table_is_the_documented_protocol() -> None:
-    """The table is Hello to open, sync messages and chunks while open, Goodbye to close."""
-    sync = {MessageType.SYNC_STEP1, MessageType.SYNC_STEP2, MessageType.SYNC_UPDATE, MessageType.CHUNK}
+    """The table is Hello to open, sync messages, chunks and acks while open, Goodbye to close."""
+    sync = {MessageType.SYNC_STEP1, MessageType.SYNC_STEP2, MessageType.SYNC_UPDATE, MessageType.CHUNK, MessageType.ACK}
     assert TRANSITIONS == {
         State.HANDSHAKE: {MessageType.HELLO: State.OPEN},
         State.OPEN: {**{t: State.OPEN for t in sync}, MessageType.GOODBYE: State.CLOSED},
