@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,9 @@ from ctxsync.webhooks import WebhookDispatcher
 from ctxsync.types import DocId, is_valid_doc_id
 
 log = structlog.get_logger("ctxsync.api")
+
+_NODE_ID_RE = re.compile(r"[A-Z2-7]{7}(-[A-Z2-7]{7}){7}")
+"""A node id: base32 of a SHA-256, in eight dashed groups of seven (ctxsync.crypto.node_id_from_cert)."""
 
 YJS_PREFIX = "/yjs/"
 """Path prefix of the Yjs (y-websocket protocol) endpoint: ``/yjs/CONTEXT``."""
@@ -424,9 +428,23 @@ class Api:
             raise _BadRequest("priority must be a list of node ids")
         if name == "origin-priority" and not priority:
             raise _BadRequest("origin-priority needs a priority list of node ids, most preferred first")
-        strategy = Strategy(name, tuple(NodeId(p) for p in priority))
+        if name == "latest-wins" and priority:
+            raise _BadRequest("latest-wins takes no priority list")
+        strategy = Strategy(name, tuple(self._node_ref(p) for p in priority))
         version = await self.mesh.set_strategy(doc_id, strategy)
         return self._ok(req_id, {**strategy.to_json(), "version": version})
+
+    def _node_ref(self, text: str) -> NodeId:
+        """A node named in a request: this node, a paired peer (id, name or a 7+ character id prefix), or a full node id."""
+        known = {self.mesh.node_id: self.mesh.config.name, **{pid: st.config.name for pid, st in self.mesh.peers.items()}}
+        matches = [nid for nid, name in known.items() if text in (nid, name) or (len(text) >= 7 and nid.startswith(text))]
+        if len(matches) == 1:
+            return NodeId(matches[0])
+        if len(matches) > 1:
+            raise _BadRequest(f"{text!r} names {len(matches)} nodes; give the whole node id")
+        if _NODE_ID_RE.fullmatch(text):
+            return NodeId(text)  # a node further away in the mesh
+        raise _BadRequest(f"{text!r} is neither this node, a paired peer nor a node id (ctxsync peer list)")
 
     # -- snapshots, restore, adopt ------------------------------------------------------------
 

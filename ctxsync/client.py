@@ -295,7 +295,7 @@ class Client:
         *,
         glob: str | None = None,
         on_ready: Callable[[], None] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """
         Yield one dict per change (``context, key, value, deleted, origin, version, previous``)
         until the daemon stops.
@@ -310,9 +310,10 @@ class Client:
         Raises:
             ApiError: ``code="overflow"`` if the watcher fell more than 10,000 changes behind.
         """
-        async for batch in self._watch(context, prefix, glob, 0, on_ready):
-            for change in batch:
-                yield change
+        async with contextlib.aclosing(self._watch(context, prefix, glob, 0, on_ready)) as batches:
+            async for batch in batches:
+                for change in batch:
+                    yield change
 
     async def watch_batches(
         self,
@@ -322,13 +323,14 @@ class Client:
         glob: str | None = None,
         batch_ms: int = 100,
         on_ready: Callable[[], None] | None = None,
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """
         As :meth:`watch`, but yield lists: the changes of up to ``batch_ms`` milliseconds after
         the first one of each batch (at most 1,000 per list).
         """
-        async for batch in self._watch(context, prefix, glob, batch_ms, on_ready):
-            yield batch
+        async with contextlib.aclosing(self._watch(context, prefix, glob, batch_ms, on_ready)) as batches:
+            async for batch in batches:
+                yield batch
 
     async def _watch(
         self,
@@ -337,7 +339,7 @@ class Client:
         glob: str | None,
         batch_ms: int,
         on_ready: Callable[[], None] | None,
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         fields: dict[str, Any] = {"context": context, "prefix": prefix, "batch_ms": batch_ms}
         if glob is not None:
             fields["glob"] = glob
@@ -504,6 +506,8 @@ class SyncClient:
         self._client = Client(url, token, open_timeout=open_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Open watches and the pull running on each, if any (touched on the loop's thread only).
+        self._watches: dict[AsyncGenerator[Any, None], asyncio.Task[Any] | None] = {}
 
     @property
     def url(self) -> str:
@@ -533,25 +537,30 @@ class SyncClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self._run(self._client.__aexit__())
-        finally:
-            self._shutdown()
+        self._shutdown()
 
     def _shutdown(self) -> None:
-        """Finish what is left on the loop (open watches, the resolver), stop it and join its thread."""
+        """Close the open watches and the connection, stop the loop and join its thread."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        if threading.current_thread() is thread:
+            raise InvalidState("a SyncClient cannot be closed from its own loop (from on_ready?)")
         self._loop = self._thread = None
 
         async def drain() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await loop.shutdown_asyncgens()
-            await loop.shutdown_default_executor()
+            try:
+                for agen in list(self._watches):
+                    with contextlib.suppress(Exception):
+                        await self._close_watch(agen)
+                await self._client.__aexit__()
+            finally:
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await loop.shutdown_asyncgens()
+                await loop.shutdown_default_executor()
 
         try:
             asyncio.run_coroutine_threadsafe(drain(), loop).result()
@@ -578,26 +587,26 @@ class SyncClient:
             fut.cancel()  # KeyboardInterrupt while waiting: stop the request too
             raise
 
+    async def _close_watch(self, agen: AsyncGenerator[Any, None]) -> None:
+        """Close a watch, after ending the pull still running on it (KeyboardInterrupt), if any."""
+        task = self._watches.pop(agen, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        await agen.aclose()
+
     def _iterate(self, agen: AsyncGenerator[_T, None], timeout_s: float | None) -> Iterator[_T]:
         """Iterate ``agen`` on the loop, at most ``timeout_s`` seconds per item; close it when done."""
         loop = self._loop
-        pending: set[asyncio.Task[Any]] = set()
 
         async def pull() -> list[_T]:
             task = asyncio.current_task()
-            assert task is not None
-            pending.add(task)
+            self._watches[agen] = task
             try:
                 return await asyncio.wait_for(_next_or_none(agen), timeout_s)
             finally:
-                pending.discard(task)
-
-        async def close() -> None:
-            waiting = list(pending)
-            for t in waiting:  # a pull still running (KeyboardInterrupt): end it first
-                t.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-            await agen.aclose()
+                if self._watches.get(agen) is task:
+                    self._watches[agen] = None
 
         try:
             while True:
@@ -610,7 +619,7 @@ class SyncClient:
                 yield items[0]
         finally:
             if loop is not None and self._loop is loop:
-                asyncio.run_coroutine_threadsafe(close(), loop).result()
+                asyncio.run_coroutine_threadsafe(self._close_watch(agen), loop).result()
 
     # -- requests: each blocks until the daemon answers --------------------------------
 
@@ -792,17 +801,16 @@ class SyncClient:
         on_ready: Callable[[], None] | None,
     ) -> AsyncGenerator[Any, None]:
         """A watch on a connection of its own, which closes with it."""
-        async with Client(
-            self._client.url, self._client.token, open_timeout=self._client.open_timeout
-        ) as own:
-            if batch_ms is None:
-                async for change in own.watch(context, prefix, glob=glob, on_ready=on_ready):
-                    yield change
-            else:
-                async for batch in own.watch_batches(
-                    context, prefix, glob=glob, batch_ms=batch_ms, on_ready=on_ready
-                ):
+        async with (
+            Client(self._client.url, self._client.token, open_timeout=self._client.open_timeout) as own,
+            contextlib.aclosing(own._watch(context, prefix, glob, batch_ms or 0, on_ready)) as batches,
+        ):
+            async for batch in batches:
+                if batch_ms is not None:
                     yield batch
+                    continue
+                for change in batch:
+                    yield change
 
 
 async def _next_or_none(agen: AsyncIterator[_T]) -> list[_T]:

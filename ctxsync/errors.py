@@ -118,6 +118,14 @@ class EntryError(CtxSyncError, ValueError):
     """A context name, key or value is invalid (empty, too long, not JSON, too large)."""
 
 
+class UpdateNotReady(EntryError):
+    """A local Yjs client's update builds on structs this node lacks: ask the client by sync step 1."""
+
+
+class ContextRebuilding(EntryError):
+    """The context is being rebuilt from the store after a failed apply; retry in a moment."""
+
+
 class NotFound(CtxSyncError, KeyError):
     """No such context or entry."""
 

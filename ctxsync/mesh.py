@@ -47,6 +47,7 @@ from ctxsync.config import NodeConfig, PeerConfig, format_hostport
 from ctxsync.crypto import client_tls_context, node_id_from_cert, server_tls_context
 from ctxsync.entries import Clock, Entry, EntryMap, Slot, Strategy, validate_key
 from ctxsync.errors import (
+    ContextRebuilding,
     CryptoError,
     EntryError,
     HandshakeRejected,
@@ -55,6 +56,7 @@ from ctxsync.errors import (
     StoreCorrupt,
     StoreError,
     RemoteProtocolError,
+    UpdateNotReady,
 )
 from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
@@ -109,6 +111,8 @@ class Context:
         """Id made when the context was first created on some node; only equal lineages sync."""
         self.snapshot_at = version
         """Version at the last automatic snapshot (or at load)."""
+        self.lineage_settled = version > 0
+        """False while the context is new and unchanged here: it may still take a peer's lineage."""
         self.rebuilding = False
         """True while the document is replaced by its stored state after a failed remote apply."""
         self._captured: list[bytes] = []
@@ -140,6 +144,7 @@ class Context:
                 self.doc.apply_update(u)
         self._captured.clear()
         self.entries.pop_changes()
+        self.entries.pop_new_conflicts()  # conflicts already there were reported when they appeared
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,6 +594,12 @@ class Mesh:
             if not lineage:
                 return  # neither side has it
             ctx = self._context(doc_id, create=True, lineage=lineage)
+        elif lineage and lineage != ctx.lineage and ctx.version == 0 and not ctx.lineage_settled:
+            # Opened here (a Yjs client connected) but never changed: take the first lineage a
+            # peer announces instead of refusing it, and tell every peer.
+            log.info("context.lineage_taken", doc_id=doc_id, peer_id=session.peer_id, lineage=lineage, was=ctx.lineage)
+            ctx.lineage = lineage
+            self._announce(ctx)
         elif lineage and lineage != ctx.lineage:
             if session.lineage_reported.get(doc_id) != lineage:
                 session.lineage_reported[doc_id] = lineage
@@ -835,10 +846,11 @@ class Mesh:
 
     # -- contexts and local writes ---------------------------------------------------
 
-    def _context(self, doc_id: DocId, *, create: bool, lineage: str | None = None) -> Context:
+    def _context(self, doc_id: DocId, *, create: bool, lineage: str | None = None, announce: bool = True) -> Context:
         """
         Return a context; with ``create``, make it if missing, with ``lineage`` (a peer's, when
-        its sync step 1 brings the context here) or a new one (created here).
+        its sync step 1 brings the context here) or a new one (created here). Without
+        ``announce`` the peers are not told yet (call :meth:`_announce` once it has content).
 
         Raises:
             NotFound: It is missing and ``create`` is false.
@@ -851,12 +863,17 @@ class Mesh:
             if not is_valid_doc_id(doc_id):
                 raise EntryError(f"invalid context name {doc_id!r}: use 1-128 of A-Z a-z 0-9 . _ - :")
             ctx = self.contexts[doc_id] = Context(doc_id, self.node_id, self.clock, lineage=lineage or new_lineage())
+            ctx.lineage_settled = lineage is not None  # a peer's lineage is kept; a new one may yield
             log.info("context.created", doc_id=doc_id, lineage=ctx.lineage, origin="peer" if lineage else "local")
-            # Tell each open session sharing it, before any content: the step 1 names the lineage.
-            for st in self.peers.values():
-                if st.session is not None and st.session.is_open and st.config.shares(doc_id):
-                    st.session.send_step1(doc_id, ctx.doc.get_state(), ctx.lineage)
+            if announce:
+                self._announce(ctx)
         return ctx
+
+    def _announce(self, ctx: Context) -> None:
+        """Send sync step 1 (which names the lineage) to each open session sharing the context, before any content."""
+        for st in self.peers.values():
+            if st.session is not None and st.session.is_open and st.config.shares(ctx.doc_id):
+                st.session.send_step1(ctx.doc_id, ctx.doc.get_state(), ctx.lineage)
 
     def _committed(
         self,
@@ -953,7 +970,7 @@ class Mesh:
                 f"the store is failing ({self.store_failing}); writes are refused until it recovers (reads still work)"
             )
         is_new = doc_id not in self.contexts
-        ctx = self._context(doc_id, create=True)
+        ctx = self._context(doc_id, create=True, announce=False)
         if ctx.rebuilding:
             raise StoreError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
         with ctx.doc.transaction(origin="local"):
@@ -963,7 +980,10 @@ class Mesh:
             if is_new:  # nothing written: the context never came to be
                 ctx.close()
                 del self.contexts[doc_id]
+                log.info("context.discarded", doc_id=doc_id, reason="the first write changed nothing")
             return ctx.version, 0
+        if is_new:
+            self._announce(ctx)  # before the update leaves: the step 1 names the lineage
         # Watchers here see the change at once; peers only once it is durable, so nothing
         # of this node's own that a crash could still lose ever leaves it (after a restart
         # a new Yjs client id would otherwise race the lost write for the same slot).
@@ -1084,18 +1104,22 @@ class Mesh:
             The context's version after it (unchanged if the update brought nothing new).
 
         Raises:
-            EntryError: The update is malformed, too large, builds on structs this node lacks,
-                or the context is being rebuilt.
-            StoreError: The store could not commit it (it is kept and retried).
+            UpdateNotReady: It builds on structs this node lacks (send the client a step 1).
+            ContextRebuilding: The context is being rebuilt from the store (retry).
+            EntryError: The update is malformed or too large, or misuses the entries root.
+            StoreError: The store is failing (nothing applied), or could not commit it (it is
+                kept and retried).
         """
+        if self.store_failing is not None:
+            raise StoreError(f"the store is failing ({self.store_failing}); updates are refused until it recovers")
         ctx = self._context(doc_id, create=True)
         if ctx.rebuilding:
-            raise EntryError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
+            raise ContextRebuilding(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
         state = decode_state_vector(ctx.doc.get_state())
         try:
             check_update(update, entries_root=ENTRIES_ROOT, max_bytes=self.config.sync.max_message_bytes, state=state)
         except MissingDependencies:
-            raise EntryError("the update builds on changes this node does not have; sync step 1 first") from None
+            raise UpdateNotReady("the update builds on changes this node does not have; sync step 1 first") from None
         except InvalidUpdate as exc:
             raise EntryError(f"update refused: {exc.reason}") from None
         try:

@@ -4,8 +4,9 @@ Recovery points: snapshots of a context's entries, diffs between them, and resto
 A *snapshot* is an immutable copy of a context's live entries (``{key: value JSON text}``) at
 one version, kept in the store (sealed) on this node only: snapshots are local recovery points,
 not replicated. Named snapshots are made on request (``ctxsync snapshot create``) and kept until
-deleted; automatic ones are made every ``[contexts] snapshot_every`` versions and before every
-restore or adopt, and the newest ``snapshot_keep`` of them are kept per context.
+deleted (and one is made before an adopt); automatic ones are made every ``[contexts]
+snapshot_every`` versions and before every restore, and the newest ``snapshot_keep`` of them
+are kept per context.
 
 A *restore* makes the context equal to a snapshot as **one new forward write**: every key whose
 value differs is set, every key the snapshot lacks is deleted, in one transaction. It therefore
@@ -14,7 +15,7 @@ write (latest wins per key), works offline, and can itself be undone by restorin
 recovery point taken just before it.
 
 Only the entries are snapshotted and restored: other root types a Yjs application keeps in the
-same document (a ``Y.Text``) are not (docs/history.md).
+same document (a ``Y.Text``) are not (docs/contexts.md).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ class Recovery:
 
     async def adopt(self, doc_id: DocId, peer_id: NodeId) -> dict[str, Any]:
         """
-        Take a peer's lineage of a context (:meth:`Mesh.adopt`), after an automatic snapshot of
+        Take a peer's lineage of a context (:meth:`Mesh.adopt`), after a named snapshot of
         this node's own content, so that it can be restored onto the adopted context.
 
         Returns:

@@ -68,10 +68,10 @@ from pycrdt import YSyncMessageType, create_awareness_message, create_update_mes
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from ctxsync.errors import DecodeError, EntryError, StoreError
+from ctxsync.errors import ContextRebuilding, DecodeError, EntryError, StoreError, UpdateNotReady
 from ctxsync.mesh import Mesh
-from ctxsync.types import ENTRIES_ROOT, DocId
-from ctxsync.yupdate import InvalidUpdate, MissingDependencies, check_update, decode_state_vector
+from ctxsync.types import DocId
+from ctxsync.yupdate import InvalidUpdate, decode_state_vector
 
 __all__ = [
     "AwarenessEntry", "AwarenessMessage", "AwarenessStates", "MessageType", "QueryAwareness",
@@ -655,13 +655,9 @@ async def _on_sync(mesh: Mesh, client: _Client, msg: SyncMessage) -> None:
             client.send_step1(mesh.open_context(doc_id).get_state())
     if msg.payload == EMPTY_UPDATE:
         return
-    if mesh.store_failing is not None:
-        raise _Closing(CLOSE_TRY_AGAIN, "the daemon's store is failing; try again later", refused=False)
     try:
         await mesh.apply_client_update(doc_id, msg.payload, tag=client)
-    except EntryError as exc:
-        if not _missing_dependencies(mesh, doc_id, msg.payload):
-            raise _Closing(CLOSE_REFUSED, str(exc)) from None
+    except UpdateNotReady:
         log.debug("yjs.missing_dependencies", doc_id=doc_id, client=client.addr, step2=is_step2)
         if is_step2:
             return  # never answer a step 2 with a step 1: a client holding pending structs would loop
@@ -669,24 +665,15 @@ async def _on_sync(mesh: Mesh, client: _Client, msg: SyncMessage) -> None:
             client.dropped_update = True  # asked again when the outstanding step 1 is answered
         else:
             client.send_step1(mesh.open_context(doc_id).get_state())
+    except ContextRebuilding as exc:
+        raise _Closing(CLOSE_TRY_AGAIN, str(exc), refused=False) from None
+    except EntryError as exc:
+        raise _Closing(CLOSE_REFUSED, str(exc)) from None
     except StoreError as exc:
+        if mesh.store_failing is not None and "is failing" in str(exc):
+            raise _Closing(CLOSE_TRY_AGAIN, "the daemon's store is failing; try again later", refused=False) from None
         log.error("yjs.store_failed", doc_id=doc_id, client=client.addr, error=str(exc))
         raise _Closing(CLOSE_INTERNAL, "the daemon's store failed; try again later", refused=False) from None
-
-
-def _missing_dependencies(mesh: Mesh, doc_id: DocId, update: bytes) -> bool:
-    """Tell whether a refused update was refused only because it builds on structs this node lacks."""
-    # TODO(mesh): drop this second walk once apply_client_update raises a distinct error for it.
-    try:
-        state = decode_state_vector(mesh.open_context(doc_id).get_state())
-        check_update(
-            update, entries_root=ENTRIES_ROOT, max_bytes=mesh.config.sync.max_message_bytes, state=state
-        )
-    except MissingDependencies:
-        return True
-    except (InvalidUpdate, EntryError):
-        return False
-    return False
 
 
 def _close_reason(exc: ConnectionClosed | None, conn: ServerConnection | None = None) -> str:

@@ -84,8 +84,13 @@ def test_concurrent_writes_converge_to_later_write(make_node: MakeNode) -> None:
     """Writes to one key made while two nodes are apart converge to the later one (by HLC), whatever the ids."""
     a, b = make_node("alice"), make_node("bob")
     a.pair(b)
-    # Apart: only one runs at a time. k1: a then b (b later); k2: b then a (a later).
+    # The context starts on a and reaches b (one lineage: made apart, they would not merge).
     a.start()
+    b.start()
+    a.cli("set", "ctx", "seed", "0")
+    wait_for(lambda: b.get("ctx", "seed") == 0)
+    assert b.stop() == 0
+    # Apart: only one runs at a time. k1: a then b (b later); k2: b then a (a later).
     a.cli("set", "ctx", "k1", '"from-a"')
     a.cli("set", "ctx", "other-a", "1")
     assert a.stop() == 0
@@ -99,7 +104,7 @@ def test_concurrent_writes_converge_to_later_write(make_node: MakeNode) -> None:
     b.start()
     wait_for(lambda: a.get("ctx") == b.get("ctx") and a.get("ctx", "other-b") == 2)
     for n in (a, b):
-        assert n.get("ctx") == {"k1": "from-b", "k2": "from-a", "other-a": 1, "other-b": 2}
+        assert n.get("ctx") == {"k1": "from-b", "k2": "from-a", "other-a": 1, "other-b": 2, "seed": 0}
 
 
 def test_restart_catch_up_and_sigterm(make_node: MakeNode) -> None:
@@ -183,7 +188,14 @@ def test_json_logs_and_status(make_node: MakeNode) -> None:
     st = a.status()
     assert st["node_id"] == a.node_id and st["process"]["rss_bytes"] > 0
     peer = st["peers"][0]
-    assert peer["connected"] and peer["contexts"] == {"ctx": {"in_sync": True, "out_of_sync_s": 0.0}}
+    assert peer["connected"] and peer["contexts"]["ctx"]["in_sync"] is True
+    # b acknowledged what a sent (ACK frames): nothing behind, and the acknowledgement lag measured.
+    wait_for(lambda: (c := a.status()["peers"][0]["contexts"]["ctx"])["updates_behind"] == 0 and c["ack_lag_ms"] is not None)
+    ctx_on_a = a.status()["peers"][0]["contexts"]["ctx"]
+    assert ctx_on_a["bytes_behind"] == 0 and 0 < ctx_on_a["ack_lag_ms"] < 10_000 and ctx_on_a["out_of_sync_s"] == 0.0
+    # b got a live update stamped with its commit time on a: its replication lag.
+    lag = b.status()["peers"][0]["contexts"]["ctx"]["replication_lag_ms"]
+    assert lag is not None and 0 <= lag < 10_000
     table = a.cli("status").stdout
     assert "bob" in table and "ctx: yes" in table
     assert a.stop() == 0
