@@ -307,6 +307,10 @@ class Client:
             on_ready: Called once the daemon has confirmed the subscription: no change made
                 after that call is missed.
 
+        Closing the iterator (``break``, ``aclose()``, cancelling the task) stops it here, but the
+        daemon goes on sending that subscription's changes, dropped on arrival, until the
+        connection closes: give a watch that should end early a client of its own.
+
         Raises:
             ApiError: ``code="overflow"`` if the watcher fell more than 10,000 changes behind.
         """

@@ -599,6 +599,7 @@ class Mesh:
             # peer announces instead of refusing it, and tell every peer.
             log.info("context.lineage_taken", doc_id=doc_id, peer_id=session.peer_id, lineage=lineage, was=ctx.lineage)
             ctx.lineage = lineage
+            ctx.lineage_settled = True
             self._announce(ctx)
         elif lineage and lineage != ctx.lineage:
             if session.lineage_reported.get(doc_id) != lineage:
@@ -1028,6 +1029,7 @@ class Mesh:
         old = self.contexts.get(doc_id)  # the await let other work run
         dropped = len(old.entries) if old is not None else 0
         fresh = Context(doc_id, self.node_id, self.clock, version=old.version if old else version, lineage=lineage)
+        fresh.lineage_settled = True
         if old is not None:
             old.close()
         self.contexts[doc_id] = fresh

@@ -32,7 +32,7 @@ Body (``application/json``, UTF-8, ASCII only)::
     {"webhook_id": "wh-0123456789", "context": "tasks", "node_id": "...",
      "from_version": 4, "to_version": 6,
      "truncated": false, "missed_from": null, "missed_to": null,
-     "changes": [{"version": 4, "key": "task/1", "value": {"done": true}, "previous": null,
+     "changes": [{"version": 4, "key": "task/1", "value": {"done": true}, "previous": null, "deleted": false,
                   "origin": "<node id of the writer>", "t_ms": 1717000000000,
                   "hlc": "018fc5f1a2b30001"}, ...]}
 
@@ -234,6 +234,7 @@ def _change(rec: HistoryRecord) -> dict[str, Any]:
         except ValueError:  # JSONDecodeError, non-JSON constants, too many digits
             change[field] = text
             not_json.append(field)
+    change["deleted"] = r.get("value") is None  # a JSON null value is not a deletion
     change["origin"] = r.get("origin")
     change["t_ms"] = r.get("t_ms")
     change["hlc"] = r.get("hlc")
