@@ -627,9 +627,14 @@ class EntryMap:
         was_live = before is not None and before.value is not None
         is_live = after is not None and after.value is not None
         self._live += is_live - was_live
-        if not (was_live or is_live):
-            return  # absent before and after: nothing visible changed
         held = self._changes.get(key)
+        if not (was_live or is_live):
+            # Absent before and after: nothing visible changed. A deletion held from earlier in
+            # this batch takes the tombstone that now wins (its writer and time), whichever
+            # order pycrdt reported the slots in.
+            if held is not None and held.value is None and after is not None:
+                self._changes[key] = EntryChange(key, None, after.writer, after.t, held.previous)
+            return
         previous = held.previous if held is not None else (before.value if before is not None else None)
         if after is None:
             self._changes[key] = EntryChange(key, None, None, None, previous)
