@@ -735,17 +735,33 @@ class Mesh:
             if ctx is None:
                 ctx = self._context(doc_id, create=True)  # only now: a refused update creates nothing
             try:
-                with ctx.doc.transaction(origin=origin):
-                    ctx.doc.apply_update(u)
-            except BaseException as exc:
-                _reraise_fatal(exc)
-                ctx.take_update()
-                self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
-                raise RemoteProtocolError(f"update refused for {doc_id}: {type(exc).__name__}: {exc}") from None
-            update = ctx.take_update()
+                update = self._apply_checked(ctx, u, origin)
+            except _ApplyFailed as exc:
+                raise RemoteProtocolError(f"update refused for {doc_id}: {exc}") from None
             if update is not None:
                 new.append(update)
         return Ingested(new, missing=False)
+
+    def _apply_checked(self, ctx: Context, update: bytes, origin: str) -> bytes | None:
+        """
+        Apply one update that passed :func:`check_update`, in its own transaction tagged ``origin``.
+
+        Returns:
+            The transaction's own update (what was new here), or None if nothing changed.
+
+        Raises:
+            _ApplyFailed: pycrdt failed (a panic is a BaseException); the context, perhaps
+                half-updated, is being rebuilt from the store.
+        """
+        try:
+            with ctx.doc.transaction(origin=origin):
+                ctx.doc.apply_update(update)
+        except BaseException as exc:
+            _reraise_fatal(exc)
+            ctx.take_update()
+            self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
+            raise _ApplyFailed(f"{type(exc).__name__}: {exc}") from None
+        return ctx.take_update()
 
     def _rebuild(self, ctx: Context, reason: str) -> None:
         """Replace a context whose document may be half-updated by its stored state, then resync it."""
@@ -1125,14 +1141,9 @@ class Mesh:
         except InvalidUpdate as exc:
             raise EntryError(f"update refused: {exc.reason}") from None
         try:
-            with ctx.doc.transaction(origin="yjs"):
-                ctx.doc.apply_update(update)
-        except BaseException as exc:
-            _reraise_fatal(exc)
-            ctx.take_update()
-            self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
-            raise EntryError(f"update refused: {type(exc).__name__}: {exc}") from None
-        new = ctx.take_update()
+            new = self._apply_checked(ctx, update, "yjs")
+        except _ApplyFailed as exc:
+            raise EntryError(f"update refused: {exc}") from None
         if new is None:
             return ctx.version
         pending = self._committed(ctx, new, exclude=None, send=False, origin=self.node_id, tag=tag)
@@ -1297,6 +1308,10 @@ class Mesh:
             "lineage_mismatches": self.lineage_mismatches(),
             "peers": peers,
         }
+
+
+class _ApplyFailed(Exception):
+    """pycrdt failed to apply a checked update (see :meth:`Mesh._apply_checked`)."""
 
 
 def _now_ms() -> int:
