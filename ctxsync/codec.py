@@ -15,14 +15,16 @@ type       fields
            varuint origin_ms (protocol 2)
 4 CHUNK    varuint final (0/1), varbytes part of one encoded STEP2/UPDATE frame
 5 GOODBYE  varstring reason
-6 ACK      varuint received (protocol 2)
+6 ACK      varuint received, varuint held_us (protocol 2)
 =========  ===============================================================
 
 ``origin_ms`` is when the oldest update of the frame was committed on the node that made it
 (Unix time, milliseconds; 0 when unknown): the receiver's replication lag. ``received`` counts
 the STEP2 and UPDATE messages (after CHUNK reassembly) the sender of the ACK has processed on
 this connection: the receiver of the ACK learns what its peer has applied (acknowledgement lag,
-updates and bytes behind) without synchronised clocks.
+updates and bytes behind) without synchronised clocks. ACKs are coalesced, so ``held_us`` says
+how long after processing the last of those messages the ACK was sent (microseconds), to be
+taken off the measured lag.
 
 ``state_vector`` and ``update`` are Yjs v1 encodings, exactly as pycrdt's
 ``Doc.get_state()`` and ``Doc.get_update()`` produce them (the same bytes y-protocols
@@ -121,6 +123,8 @@ class Ack:
     """The sender has processed this many STEP2/UPDATE messages of the connection."""
 
     received: int
+    held_us: int = 0
+    """Microseconds between processing the last of them and sending this ACK."""
 
 
 Message: TypeAlias = Hello | SyncStep1 | SyncStep2 | SyncUpdate | Chunk | Goodbye | Ack
@@ -245,9 +249,10 @@ def encode(message: Message) -> bytes:
             for u in updates:
                 _varbytes(u, out)
             _varuint(origin_ms, out)
-        case Ack(received):
+        case Ack(received, held_us):
             _varuint(MessageType.ACK, out)
             _varuint(received, out)
+            _varuint(held_us, out)
         case Chunk(final, data):
             _varuint(MessageType.CHUNK, out)
             _varuint(1 if final else 0, out)
@@ -292,7 +297,7 @@ def decode(frame: bytes) -> Message:
             raise DecodeError(f"update count {count} exceeds the frame")
         msg = SyncUpdate(doc_id, tuple(r.varbytes() for _ in range(count)), r.varuint())
     elif kind == MessageType.ACK:
-        msg = Ack(r.varuint())
+        msg = Ack(r.varuint(), r.varuint())
     elif kind == MessageType.CHUNK:
         final = r.varuint()
         if final not in (0, 1):

@@ -155,10 +155,10 @@ class PeerProtocol:
             messages += 1
         return messages
 
-    def send_ack(self, received: int) -> None:
-        """Queue an ACK: this side has processed ``received`` STEP2/UPDATE messages."""
+    def send_ack(self, received: int, held_us: int = 0) -> None:
+        """Queue an ACK: this side has processed ``received`` STEP2/UPDATE messages, the last ``held_us`` µs ago."""
         self._check_can_send()
-        self._out.append(encode(Ack(received)))
+        self._out.append(encode(Ack(received, held_us)))
 
     def send_goodbye(self, reason: str) -> None:
         """Queue Goodbye; afterwards nothing more can be sent."""

@@ -41,6 +41,8 @@ from ctxsync.types import DocId, NodeId, SessionId
 log = structlog.get_logger("ctxsync.session")
 
 HELLO_TIMEOUT_S = 10.0
+ACK_DELAY_S = 0.02
+"""An ACK leaves this long (seconds) after the first message it covers: a burst gets one ACK."""
 
 
 class SessionHandler(Protocol):
@@ -123,6 +125,7 @@ class PeerSession:
         self._unacked: collections.deque[tuple[int, DocId, int, int, float]] = collections.deque()
         """Sent, not yet acknowledged: (message number, doc_id, updates, bytes, monotonic send time)."""
         self._received_messages = 0
+        self._processed_at = 0.0
         self._ack_queued = False
         self.ack_lag_ms: dict[DocId, float] = {}
         """Per context, the last acknowledgement lag: our send to the peer's ACK covering it (ms)."""
@@ -313,7 +316,7 @@ class PeerSession:
                 if isinstance(msg, Goodbye):
                     return f"peer said goodbye: {msg.reason}"
                 if isinstance(msg, Ack):
-                    self._on_ack(msg.received)
+                    self._on_ack(msg.received, msg.held_us)
                     continue
                 self.handler.on_message(self, msg)
                 if isinstance(msg, (SyncStep2, SyncUpdate)):
@@ -335,7 +338,8 @@ class PeerSession:
                     return self.close_reason
                 if kind == "ack":
                     self._ack_queued = False
-                    self.protocol.send_ack(self._received_messages)
+                    held_us = max(0, int((time.monotonic() - self._processed_at) * 1_000_000))
+                    self.protocol.send_ack(self._received_messages, held_us)
                     await self._write_frames(self.protocol.frames_to_send())
                     continue
                 assert doc_id is not None
@@ -360,21 +364,26 @@ class PeerSession:
         self._sent_messages += messages
         self._unacked.append((self._sent_messages, doc_id, updates, size, time.monotonic()))
 
-    def _on_ack(self, received: int) -> None:
+    def _on_ack(self, received: int, held_us: int = 0) -> None:
         """The peer has processed ``received`` of our STEP2/UPDATE messages: settle what it covers."""
         # An ACK only feeds figures (lag, behind), never correctness: one that counts more than
         # was sent (a buggy peer) settles everything rather than ending the session.
         now = time.monotonic()
         while self._unacked and self._unacked[0][0] <= received:
             _, doc_id, _, _, sent_at = self._unacked.popleft()
-            self.ack_lag_ms[doc_id] = round((now - sent_at) * 1000, 3)
+            # The peer held the ACK for held_us after processing the last message it covers.
+            self.ack_lag_ms[doc_id] = round(max(0.0, (now - sent_at) * 1000 - held_us / 1000), 3)
 
     def _received(self) -> None:
-        """Count one processed STEP2/UPDATE message and make sure an ACK is on its way."""
+        """
+        Count one processed STEP2/UPDATE message and make sure an ACK follows within
+        :data:`ACK_DELAY_S` (one ACK covers every message processed until it leaves).
+        """
         self._received_messages += 1
+        self._processed_at = time.monotonic()
         if not self._ack_queued:
             self._ack_queued = True
-            self._queue("ack", None, [], 0)
+            asyncio.get_running_loop().call_later(ACK_DELAY_S, self._queue, "ack", None, [], 0)
 
     async def _write_frames(self, frames: list[bytes]) -> None:
         for frame in frames:

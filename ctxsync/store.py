@@ -365,7 +365,8 @@ class Store:
             it when read; called on the worker thread. :class:`~ctxsync.seal.ChecksumCipher`
             (CRC-32 framing: integrity only, no secrecy) by default; the daemon passes an
             :class:`~ctxsync.seal.AeadCipher` with the node's store key.
-        history_limit: History records kept per context (newest first; default 1,000).
+        history_limit: History records kept per context (newest first; default 1,000). Reads
+            show exactly that many; the table prunes in steps, holding up to 10% more.
         snapshot_keep: Automatic snapshots kept per context (default 20).
     """
 
@@ -571,6 +572,21 @@ class Store:
                 return HistoryPage([], 1)
             sql = "SELECT version, idx, data FROM history WHERE doc_id = ?"
             args: list[Any] = [doc_id]
+            history_from = int(row[0])
+            # The table may hold up to 10% more than history_limit between two prunes: show
+            # exactly the newest history_limit records, as if pruned already.
+            beyond = conn.execute(
+                "SELECT 1 FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
+                (doc_id, self.history_limit),
+            ).fetchone()
+            if beyond is not None:
+                cut_version, cut_idx = conn.execute(
+                    "SELECT version, idx FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
+                    (doc_id, self.history_limit - 1),
+                ).fetchone()
+                sql += " AND (version > ? OR (version = ? AND idx >= ?))"
+                args += [cut_version, cut_version, cut_idx]
+                history_from = max(history_from, cut_version if cut_idx == 0 else cut_version + 1)
             if since is not None:
                 sql += " AND version > ?"
                 args.append(since)
@@ -588,7 +604,7 @@ class Store:
                         break
             if since is None:
                 found.reverse()
-            return HistoryPage(found, int(row[0]))
+            return HistoryPage(found, history_from)
 
         return await self._call(read)
 
@@ -1128,7 +1144,7 @@ class Store:
                 count = conn.execute("SELECT COUNT(*) FROM history WHERE doc_id = ?", (doc_id,)).fetchone()[0]
             else:
                 count += n
-            if count > limit:
+            if count > limit + max(1, limit // 10):  # prune in steps: not an index walk per commit
                 cut = conn.execute(
                     "SELECT version, idx FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
                     (doc_id, limit - 1),

@@ -135,7 +135,7 @@ def test_encoding_matches_the_documented_layout() -> None:
     assert encode(SyncStep2(D, b"up")) == b"\x02" + varbytes(b"notes") + varbytes(b"up")
     assert encode(SyncUpdate(D, (b"u", b""))) == b"\x03" + varbytes(b"notes") + b"\x02\x01u\x00" + b"\x00"
     assert encode(SyncUpdate(D, (b"u",), 300)) == b"\x03" + varbytes(b"notes") + b"\x01\x01u" + varuint(300)
-    assert encode(Ack(5)) == b"\x06\x05"
+    assert encode(Ack(5)) == b"\x06\x05\x00" and encode(Ack(5, 300)) == b"\x06\x05" + varuint(300)
     assert encode(Chunk(True, b"p")) == b"\x04\x01\x01p"
     assert encode(Chunk(False, b"")) == b"\x04\x00\x00"
     assert encode(Goodbye("bye")) == b"\x05" + varbytes(b"bye")

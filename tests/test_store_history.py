@@ -154,7 +154,8 @@ async def test_history_is_bounded_and_history_from_marks_the_cut(tmp_path: Path)
     async with Store(path, history_limit=5) as store:
         for v in range(1, 13):
             await store.append(CTX, v, writer.set("k", v), history=[(0, record("k", v))])
-            assert len(history_rows(path)) == min(v, 5), f"bound after version {v}"
+            # Pruned in steps: never more than the limit + 10% (at least one) rows stored.
+            assert min(v, 5) <= len(history_rows(path)) <= min(v, 6), f"bound after version {v}"
         page = await store.read_history(CTX, since=0, limit=100)
     assert versions(page) == [(v, 0) for v in range(8, 13)]
     assert page.history_from == 8
@@ -167,7 +168,7 @@ async def test_history_is_bounded_and_history_from_marks_the_cut(tmp_path: Path)
         # the bound holds across a reopen (the count is recomputed)
         await store.append(CTX, 13, writer.set("k", 13), history=[(0, record("k", 13))])
         after = await store.read_history(CTX, since=0)
-    assert loaded.history_from == 8 and loaded.version == 12
+    assert loaded.history_from <= 8 and loaded.version == 12  # the stored mark lags by the prune step
     assert versions(again) == versions(page) and again.history_from == 8
     assert versions(after) == [(v, 0) for v in range(9, 14)] and after.history_from == 9
 
@@ -195,7 +196,8 @@ async def test_cut_inside_a_version_moves_history_from_past_it(tmp_path: Path) -
     assert page.history_from == 2, "version 1 lost its record 0: it is no longer whole"
     async with Store(path, history_limit=5) as store:
         (loaded,) = await store.load_all()
-    assert loaded.history_from == 2 and loaded.version == 2
+        reread = await store.read_history(CTX, since=0)
+    assert reread.history_from == 2 and loaded.version == 2
 
 
 async def test_cut_at_a_version_boundary_keeps_that_version(tmp_path: Path) -> None:
