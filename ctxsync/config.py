@@ -495,8 +495,9 @@ class ContextsConfig:
     history_limit: int = 1000
     """History records kept per context, newest first (>= 1)."""
     snapshot_every: int = 1000
-    """Take an automatic snapshot of a context every this many versions (changes); 0 turns
-    them off (snapshots before a restore or adopt are still taken)."""
+    """Take an automatic snapshot of a context every this many versions (changes), or every as
+    many versions as it has entries when that is more; 0 turns them off (snapshots before a
+    restore or adopt are still taken)."""
     snapshot_keep: int = 20
     """Automatic snapshots kept per context, newest first (>= 1); named ones stay until deleted."""
 

@@ -3,10 +3,11 @@ Recovery points: snapshots of a context's entries, diffs between them, and resto
 
 A *snapshot* is an immutable copy of a context's live entries (``{key: value JSON text}``) at
 one version, kept in the store (sealed) on this node only: snapshots are local recovery points,
-not replicated. Named snapshots are made on request (``ctxsync snapshot create``) and kept until
-deleted (and one is made before an adopt); automatic ones are made every ``[contexts]
-snapshot_every`` versions and before every restore, and the newest ``snapshot_keep`` of them
-are kept per context.
+not replicated. Named snapshots are made on request (``ctxsync snapshot create``), and one
+before an adopt; they are kept until deleted. Automatic ones are made before every restore and
+every ``[contexts] snapshot_every`` versions, or, for a context with more entries than that,
+every as many versions as it has entries (so copying costs about one entry per change at
+most); the newest ``snapshot_keep`` of them are kept per context.
 
 A *restore* makes the context equal to a snapshot as **one new forward write**: every key whose
 value differs is set, every key the snapshot lacks is deleted, in one transaction. It therefore
@@ -100,7 +101,9 @@ class Recovery:
 
     def _on_version(self, ctx: Context) -> None:
         every = self.config.snapshot_every
-        if every and ctx.version - ctx.snapshot_at >= every:
+        # A snapshot copies every entry: for a context larger than snapshot_every, wait as many
+        # versions as it has entries, so the copying costs at most about one entry per change.
+        if every and ctx.version - ctx.snapshot_at >= max(every, len(ctx.entries)):
             ctx.snapshot_at = ctx.version
             entries = {e.key: e.value for e in ctx.entries.entries()}
             task = asyncio.get_running_loop().create_task(
