@@ -58,6 +58,8 @@ YJS_PREFIX = "/yjs/"
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_WATCH_BATCH = 1000
 """Most changes in one ``watch`` batch message (``batch_ms``)."""
+MAX_BATCH = 4096
+"""Most requests in one batch message (a JSON array of requests)."""
 
 
 def _dump_raw(obj: dict[str, Any], raw: dict[str, str]) -> str:
@@ -228,12 +230,16 @@ class Api:
             async for raw in conn:
                 try:
                     req = json.loads(raw)
-                    if not isinstance(req, dict):
-                        raise ValueError("request must be a JSON object")
+                    if isinstance(req, list):
+                        if not req or len(req) > MAX_BATCH or not all(isinstance(r, dict) for r in req):
+                            raise ValueError(f"a batch must be an array of 1 to {MAX_BATCH} request objects")
+                    elif not isinstance(req, dict):
+                        raise ValueError("request must be a JSON object (or an array of them: a batch)")
                 except ValueError as exc:
                     await conn.send(_error_json(None, "bad_request", str(exc)))
                     continue
-                task = asyncio.create_task(self._handle(conn, req))
+                coro = self._handle(conn, req) if isinstance(req, dict) else self._handle_batch(conn, req)
+                task = asyncio.create_task(coro)
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except Exception as exc:  # connection dropped mid-request
@@ -245,30 +251,82 @@ class Api:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _handle(self, conn: ServerConnection, req: dict[str, Any]) -> None:
-        req_id = req.get("id")
+        text = await self._answer(conn, req)
+        if text is not None:
+            with contextlib.suppress(Exception):
+                await conn.send(text)
+
+    async def _handle_batch(self, conn: ServerConnection, reqs: list[dict[str, Any]]) -> None:
+        """
+        Answer a batch (a JSON array of requests in one message) with one message: the array of
+        their responses, in the same order, once all are done.
+
+        The requests run concurrently, like requests sent one by one; ``set`` requests go
+        straight to the group commit (:meth:`Mesh.submit_write`) without a task each.
+        Streaming ops (``watch``) cannot be batched.
+        """
+        pending: list[asyncio.Future[Any]] = []
+        texts: list[str | None] = []
+        kinds: list[str] = []
+        for req in reqs:
+            op = req.get("op")
+            try:
+                if op == "set":
+                    pending.append(self.mesh.submit_write(*_set_args(req)))
+                    kinds.append("set")
+                elif op == "watch":
+                    raise _BadRequest("watch streams its events: send it on its own, not in a batch")
+                else:
+                    pending.append(asyncio.ensure_future(self._answer(conn, req)))
+                    kinds.append("op")
+                texts.append(None)
+            except Exception as exc:
+                texts.append(self._error_text(req, exc))
+                kinds.append("done")
+        outcomes = iter(await asyncio.gather(*pending, return_exceptions=True))
+        answers: list[str] = []
+        for req, kind, text in zip(reqs, kinds, texts, strict=True):
+            if kind == "set":
+                outcome = next(outcomes)
+                if isinstance(outcome, BaseException):
+                    text = self._error_text(req, outcome)
+                else:
+                    text = _set_json(req.get("id"), *outcome)
+            elif kind == "op":
+                outcome = next(outcomes)
+                text = outcome if isinstance(outcome, str) else None
+            answers.append(text or _error_json(req.get("id"), "error", "no answer"))
+        with contextlib.suppress(Exception):
+            await conn.send("[" + ",".join(answers) + "]")
+
+    async def _answer(self, conn: ServerConnection, req: dict[str, Any]) -> str | None:
+        """Run one request; return its response text (None when it streamed), an error response if it failed."""
         try:
             op = req.get("op")
             handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
             if handler is None:
                 raise _BadRequest(f"unknown op {op!r}")
-            text = await handler(conn, req_id, req)
-            if text is not None:
-                await conn.send(text)
+            text: str | None = await handler(conn, req.get("id"), req)
+            return text
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if isinstance(exc, NotFound):
-                code = "not_found"
-            elif isinstance(exc, StoreError):
-                code = "store_error"
-            elif isinstance(exc, (EntryError, _BadRequest, ValueError)):
-                code = "bad_request"
-            else:
-                code = "error"
-            if code == "error" and not isinstance(exc, CtxSyncError):
-                log.exception("api.error", op=req.get("op"))
-            with contextlib.suppress(Exception):
-                await conn.send(_error_json(req_id, code, str(exc)))
+            return self._error_text(req, exc)
+
+    @staticmethod
+    def _error_text(req: dict[str, Any], exc: BaseException) -> str:
+        """The error response to ``req`` for ``exc`` (logged when it is not one of ours: a bug)."""
+        if isinstance(exc, NotFound):
+            code = "not_found"
+        elif isinstance(exc, StoreError):
+            code = "store_error"
+        elif isinstance(exc, (EntryError, _BadRequest, ValueError)):
+            code = "bad_request"
+        else:
+            code = "error"
+        if code == "error" and not isinstance(exc, CtxSyncError):
+            log.error("api.error", op=req.get("op"), error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        return _error_json(req.get("id"), code, str(exc))
 
     @staticmethod
     def _ok(req_id: Any, result: Any = None, raw: str | None = None) -> str:
@@ -297,21 +355,8 @@ class Api:
         return self._ok(req_id, self.mesh.keys(_doc_id(req), _str(req, "prefix", "")))
 
     async def _op_set(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
-        items = req.get("items")
-        if not isinstance(items, list) or not items:
-            raise _BadRequest("items must be a non-empty list of [key, value_json_or_null]")
-        pairs: list[tuple[str, str | None]] = []
-        for it in items:
-            if not (isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and (it[1] is None or isinstance(it[1], str))):
-                raise _BadRequest("each item must be [key, value_json_or_null]")
-            if it[1] is not None:
-                try:
-                    json.loads(it[1])
-                except ValueError as exc:
-                    raise _BadRequest(f"value of {it[0]!r} is not JSON text: {exc}") from None
-            pairs.append((it[0], it[1]))
-        version, changed = await self.mesh.write(_doc_id(req), pairs)
-        return self._ok(req_id, {"version": version, "changed": changed})
+        version, changed = await self.mesh.write(*_set_args(req))
+        return _set_json(req_id, version, changed)
 
     async def _op_watch(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> None:
         ctx = req.get("context")
@@ -554,6 +599,29 @@ class Api:
 
 class _BadRequest(CtxSyncError):
     pass
+
+
+def _set_args(req: dict[str, Any]) -> tuple[DocId, list[tuple[str, str | None]]]:
+    """The context and ``(key, value_json_or_None)`` items of a ``set`` request; _BadRequest if malformed."""
+    items = req.get("items")
+    if not isinstance(items, list) or not items:
+        raise _BadRequest("items must be a non-empty list of [key, value_json_or_null]")
+    pairs: list[tuple[str, str | None]] = []
+    for it in items:
+        if not (isinstance(it, list) and len(it) == 2 and isinstance(it[0], str) and (it[1] is None or isinstance(it[1], str))):
+            raise _BadRequest("each item must be [key, value_json_or_null]")
+        if it[1] is not None:
+            try:
+                json.loads(it[1])
+            except ValueError as exc:
+                raise _BadRequest(f"value of {it[0]!r} is not JSON text: {exc}") from None
+        pairs.append((it[0], it[1]))
+    return _doc_id(req), pairs
+
+
+def _set_json(req_id: Any, version: int, changed: int) -> str:
+    """The response to a ``set``: ``{"id", "ok": true, "result": {"version", "changed"}}``."""
+    return f'{{"id":{json.dumps(req_id)},"ok":true,"result":{{"version":{int(version)},"changed":{int(changed)}}}}}'
 
 
 def _error_json(req_id: Any, code: str, message: str) -> str:

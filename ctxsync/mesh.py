@@ -115,6 +115,12 @@ class Context:
         """False while the context is new and unchanged here: it may still take a peer's lineage."""
         self.rebuilding = False
         """True while the document is replaced by its stored state after a failed remote apply."""
+        self.unborn = False
+        """True while the context exists here only because a write to it is queued (not announced yet)."""
+        self.queued_writes: list[_Write] = []
+        """Local writes waiting for the next group transaction (see :meth:`Mesh.write`)."""
+        self.write_task: asyncio.Task[None] | None = None
+        """The task committing queued writes, while there is one."""
         self._captured: list[bytes] = []
         self._sub = self.doc.observe(self._on_transaction)
         self.entries = EntryMap(self.doc, node_id, clock)
@@ -205,6 +211,15 @@ class PeerState:
     """Per context, the last replication lag seen from this peer: origin commit to apply here (ms)."""
     remote_lineage: dict[DocId, str] = field(default_factory=dict)
     """The lineage the peer last announced (sync step 1) per context; kept across sessions."""
+
+
+@dataclass(slots=True)
+class _Write:
+    """One caller's local write, queued for the context's next group transaction."""
+
+    items: list[tuple[str, str | None]]
+    future: asyncio.Future[tuple[int, int]]
+    changed: int = 0
 
 
 @dataclass(slots=True)
@@ -888,6 +903,7 @@ class Mesh:
 
     def _announce(self, ctx: Context) -> None:
         """Send sync step 1 (which names the lineage) to each open session sharing the context, before any content."""
+        ctx.unborn = False
         for st in self.peers.values():
             if st.session is not None and st.session.is_open and st.config.shares(ctx.doc_id):
                 st.session.send_step1(ctx.doc_id, ctx.doc.get_state(), ctx.lineage)
@@ -963,19 +979,34 @@ class Mesh:
         """
         Set (value JSON text) or delete (None) entries of a context in one transaction.
 
-        Returns once the change is committed to the store.
+        Returns once the change is committed to the store. Arguments, result and errors as
+        :meth:`submit_write`.
+        """
+        return await self.submit_write(doc_id, items)
+
+    def submit_write(self, doc_id: DocId, items: list[tuple[str, str | None]]) -> asyncio.Future[tuple[int, int]]:
+        """
+        Queue a write for the context's next group commit (see :meth:`_commit_writes`) and
+        return a future of its outcome, without a task of its own per write.
+
+        The write's items are applied together, in order, in one transaction; writes queued
+        in the same event loop turn share that transaction and its version.
 
         Args:
             doc_id: The context; created on first write.
             items: ``(key, value_json_or_None)`` pairs, applied in order.
 
         Returns:
-            ``(version, changed)``: the context's version after the write, and how many
-            entries the write changed (0 when it was a no-op, e.g. deleting absent keys).
+            A future of ``(version, changed)``: the context's version after the write, and how
+            many entries the write changed (0 when it was a no-op, e.g. deleting absent keys).
+            It completes once the change is committed to the store; cancelling it before its
+            round starts withdraws the write.
 
         Raises:
-            EntryError: A bad context name, key, or a value over ``max_value_bytes``.
-            StoreError: The store could not commit; nothing was acknowledged.
+            EntryError: A bad context name, key, or a value over ``max_value_bytes`` (raised
+                here, before anything is queued).
+            StoreError: The store is failing or the context is being rebuilt (raised here);
+                the store could not commit (set on the future: nothing was acknowledged).
         """
         limit = self.config.sync.max_value_bytes
         for key, value in items:
@@ -988,30 +1019,101 @@ class Mesh:
             )
         is_new = doc_id not in self.contexts
         ctx = self._context(doc_id, create=True, announce=False)
+        if is_new:
+            ctx.unborn = True
         if ctx.rebuilding:
             raise StoreError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
+        write = _Write(items, asyncio.get_running_loop().create_future())
+        if ctx.write_task is not None:  # a round is committing: join the next one
+            ctx.queued_writes.append(write)
+            return write.future
+        # Idle: apply it now, in this call (no wait, and nothing can come in between the
+        # caller's request and its transaction), then store it on a round of its own.
+        pending = self._apply_writes(ctx, [write])
+        if pending is not None:
+            ctx.write_task = self._spawn(self._commit_writes(ctx, [write], pending), f"write-{doc_id}")
+        return write.future
+
+    async def _commit_writes(self, ctx: Context, first: list[_Write], pending: _Pending | None) -> None:
+        """
+        Group commit of local writes. Each round stores one version and sends it once durable;
+        the writes submitted while a round commits are applied together, in one transaction,
+        as the next round: under load the rounds grow with the queue (one pycrdt transaction,
+        one update on the wire and one store row per round instead of per request), and a
+        lone write waits for nothing.
+        """
+        batch = first
+        try:
+            await self._finish_writes(batch, pending)
+            while ctx.queued_writes:
+                batch, ctx.queued_writes = [w for w in ctx.queued_writes if not w.future.done()], []
+                await self._finish_writes(batch, self._apply_writes(ctx, batch))
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("write.failed", doc_id=ctx.doc_id)
+            for w in [*batch, *ctx.queued_writes]:
+                if not w.future.done():
+                    w.future.set_exception(StoreError(f"write not committed: {type(exc).__name__}: {exc}"))
+            ctx.queued_writes.clear()
+            _reraise_fatal(exc)
+        finally:
+            ctx.write_task = None
+
+    def _apply_writes(self, ctx: Context, batch: list[_Write]) -> _Pending | None:
+        """
+        Apply ``batch`` in one transaction and count it as a version (:meth:`_committed`).
+
+        Returns:
+            What to store, or None when nothing changed. A write that fails (a refused
+            context, an invalid item) gets its error on its future and changes nothing.
+        """
+        refusal = None
+        if self.store_failing is not None:
+            refusal = f"the store is failing ({self.store_failing}); writes are refused until it recovers (reads still work)"
+        elif ctx.rebuilding or self.contexts.get(ctx.doc_id) is not ctx:
+            refusal = f"context {ctx.doc_id!r} is being rebuilt from the store; retry in a moment"
+        if refusal is not None:
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(StoreError(refusal))
+            return None
         with ctx.doc.transaction(origin="local"):
-            changed = ctx.entries.set_many(items)
+            for w in batch:
+                try:
+                    w.changed = ctx.entries.set_many(w.items)  # checks everything before it writes
+                except EntryError as exc:
+                    w.future.set_exception(exc)
         update = ctx.take_update()
         if update is None:
-            if is_new:  # nothing written: the context never came to be
+            if ctx.unborn and not ctx.queued_writes:  # nothing written: the context never came to be
                 ctx.close()
-                del self.contexts[doc_id]
-                log.info("context.discarded", doc_id=doc_id, reason="the first write changed nothing")
-            return ctx.version, 0
-        if is_new:
+                del self.contexts[ctx.doc_id]
+                log.info("context.discarded", doc_id=ctx.doc_id, reason="the first write changed nothing")
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_result((ctx.version, 0))
+            return None
+        if ctx.unborn:
             self._announce(ctx)  # before the update leaves: the step 1 names the lineage
         # Watchers here see the change at once; peers only once it is durable, so nothing
         # of this node's own that a crash could still lose ever leaves it (after a restart
         # a new Yjs client id would otherwise race the lost write for the same slot).
-        pending = self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
-        version = ctx.version
+        return self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
+
+    async def _finish_writes(self, batch: list[_Write], pending: _Pending | None) -> None:
+        """Store ``pending`` (the version ``batch`` made), send it once durable, and answer each write."""
+        if pending is None:
+            return
         failed = await self._store_then_send(pending)
-        if failed is not None:
-            raise StoreError(
-                f"write not acknowledged: the store failed ({failed}); the change stays in memory and is retried"
-            )
-        return version, changed
+        for w in batch:
+            if w.future.done():
+                continue
+            if failed is not None:
+                w.future.set_exception(
+                    StoreError(f"write not acknowledged: the store failed ({failed}); the change stays in memory and is retried")
+                )
+            else:
+                w.future.set_result((pending.version, w.changed))
 
     async def adopt(self, doc_id: DocId, peer_id: NodeId) -> dict[str, Any]:
         """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import subprocess
 import sys
 import threading
@@ -141,6 +142,50 @@ async def test_set_many_is_one_durable_transaction(client: Client) -> None:
     page = await client.changes("many", since=v0)
     assert {r["version"] for r in page["changes"]} == {v}
     assert sorted(r["key"] for r in page["changes"]) == ["a", "b", "c", "old"]
+
+
+async def test_pipelined_sets_share_group_commits(client: Client) -> None:
+    """Sets sent together are batched on the wire and committed in shared rounds; each gets its own answer."""
+    n = 300
+    versions = await asyncio.gather(*(client.set("piped", f"k{i:03d}", str(i)) for i in range(n)))
+    assert await client.get_all("piped") == {f"k{i:03d}": i for i in range(n)}
+    # The first set commits at once; the rest, sent in the same turn, wait for its round and
+    # share the next ones: fewer versions than writes, each write's version among them.
+    assert len(set(versions)) < n
+    assert max(versions) == (await client.set("piped", "last", "0")) - 1
+    page = await client.changes("piped", since=0, limit=1000)
+    assert sorted(r["key"] for r in page["changes"]) == sorted([*(f"k{i:03d}" for i in range(n)), "last"])
+    assert {r["version"] for r in page["changes"]} == {*versions, max(versions) + 1}
+    deleted = await asyncio.gather(client.delete("piped", "k000"), client.delete("piped", "absent"))
+    assert deleted == [True, False]
+
+
+async def test_batch_message_answers_each_request_in_order(alice: Node) -> None:
+    """A JSON array of requests gets one array of answers, in order, errors included; a bad batch is refused."""
+    from websockets.asyncio.client import connect
+
+    token = (alice.home / "api.token").read_text().strip()
+    url = f"ws://127.0.0.1:{alice.api_port}/"
+    async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, proxy=None) as ws:
+        batch = [
+            {"id": 1, "op": "set", "context": "batch-frames", "items": [["a", "1"]]},
+            {"id": 2, "op": "set", "context": "batch-frames", "items": [["b", "{bad"]]},
+            {"id": 3, "op": "get", "context": "batch-frames", "key": "nope"},
+            {"id": 4, "op": "watch", "context": "batch-frames"},
+            {"id": 5, "op": "frobnicate"},
+            {"id": 6, "op": "keys", "context": "batch-frames"},
+        ]
+        await ws.send(json.dumps(batch))
+        answers = json.loads(await asyncio.wait_for(ws.recv(), T))
+        assert [a["id"] for a in answers] == [1, 2, 3, 4, 5, 6]
+        assert answers[0]["ok"] and answers[0]["result"]["changed"] == 1
+        assert [a["error"]["code"] for a in answers[1:5]] == ["bad_request", "not_found", "bad_request", "bad_request"]
+        assert "batch" in answers[3]["error"]["message"]
+        assert answers[5] == {"id": 6, "ok": True, "result": ["a"]}
+        for bad in ([], [1, 2]):
+            await ws.send(json.dumps(bad))
+            refused = json.loads(await asyncio.wait_for(ws.recv(), T))
+            assert refused["ok"] is False and refused["error"]["code"] == "bad_request"
 
 
 async def test_value_conveniences(client: Client) -> None:
