@@ -35,7 +35,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from ctxsync import exposition, yjs
+from ctxsync import yjs
 from ctxsync.alerts import AlertRule
 from ctxsync.entries import Entry
 from ctxsync.errors import CtxSyncError, EntryError, NotFound, StoreError
@@ -210,6 +210,8 @@ class Api:
 
     def _metrics(self, conn: ServerConnection) -> Response:
         """``GET /metrics``: the status in the Prometheus text format (same token as every request)."""
+        from ctxsync import exposition  # prometheus-client: loaded at the first scrape, not by every daemon
+
         try:
             body = exposition.render(self.status(), rules=self.alert_rules)
         except Exception:

@@ -35,7 +35,7 @@ from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised
 from ctxsync.pairing import PairingListener, encode_token
 from ctxsync.log import configure_logging
 from ctxsync.mesh import Mesh
-from ctxsync.metrics import ProcessSampler, log_stats
+from ctxsync.metrics import ProcessSampler, log_stats, trim_memory
 from ctxsync.store import Store
 from ctxsync.types import NodeId
 
@@ -44,6 +44,8 @@ log = structlog.get_logger("ctxsync.daemon")
 __all__ = ["CERT_FILE", "KEY_FILE", "STORE_FILE", "TOKEN_FILE", "Daemon", "run"]
 
 PEERS_POLL_S = 2.0
+STARTUP_TRIM_S = 1.0
+"""Seconds after startup to give the C heap's free memory back (metrics.trim_memory)."""
 MONITOR_INTERVAL_S = 0.5
 """Period of the monitor task: event loop lag probe, RTT sampling, update rates, in seconds."""
 LOOP_LAG_WINDOW = 20
@@ -239,6 +241,7 @@ class Daemon:
                     log.info("alert.cleared", alert=event, **fields)
             status["alerts"] = [a.to_json() for a in self.alerts.active()]
             log_stats(status)
+            trim_memory()
             store = status["store"]
             if store["compaction_failures"] > failures:
                 failures = store["compaction_failures"]
@@ -327,6 +330,7 @@ class Daemon:
             ]
             if cfg.discovery.enabled:
                 background.append(asyncio.create_task(self._discover(), name="discovery"))
+            loop.call_later(STARTUP_TRIM_S, trim_memory)  # once the first sessions are up
             try:
                 await self.stopping.wait()
             finally:

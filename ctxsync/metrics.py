@@ -46,6 +46,40 @@ class ProcessSampler:
         }
 
 
+def trim_memory() -> bool:
+    """
+    Give the C heap's free memory back to the operating system (glibc ``malloc_trim(0)``).
+
+    CPython frees objects to its allocators, which keep the pages: after startup (imports,
+    TLS set-up, loading the store) and after a burst of work the daemon's RSS stays at its
+    high-water mark. The daemon calls this after startup and at each ``node.stats`` interval;
+    it takes a few milliseconds. A no-op returning False where the C library has no
+    ``malloc_trim`` (musl, macOS).
+
+    Returns:
+        True if memory was given back (glibc's own answer).
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+            _malloc_trim.argtypes = [ctypes.c_size_t]
+            _malloc_trim.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            pass
+    if _malloc_trim is False:
+        return False
+    return bool(_malloc_trim(0))
+
+
+_malloc_trim: Any = None
+
+
 def log_stats(status: dict[str, Any]) -> None:
     """
     Log one ``peer.stats`` per configured peer and one ``node.stats``.

@@ -240,3 +240,13 @@ def test_label_escaping_in_text() -> None:
     status = {"contexts": {'a"b\\c\nd': {"entries": 1, "version": 1}}}
     lines = render(status).decode().splitlines()
     assert 'ctxsync_context_entries{context="a\\"b\\\\c\\nd"} 1.0' in lines
+
+
+def test_daemon_loads_prometheus_client_only_when_scraped() -> None:
+    """prometheus-client (~2 MiB) is imported by the first GET /metrics, not at daemon start."""
+    import subprocess
+    import sys
+
+    code = "import sys, ctxsync.daemon; assert 'prometheus_client' not in sys.modules, 'imported at start'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
