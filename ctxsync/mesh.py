@@ -1049,11 +1049,16 @@ class Mesh:
                 batch, ctx.queued_writes = [w for w in ctx.queued_writes if not w.future.done()], []
                 await self._finish_writes(batch, self._apply_writes(ctx, batch))
         except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError):  # the daemon is stopping
+                applied = "the daemon stopped before the write was acknowledged; it may still have been stored"
+                queued = "the daemon stopped before the write was applied; nothing of it was stored"
+            else:
                 log.exception("write.failed", doc_id=ctx.doc_id)
-            for w in [*batch, *ctx.queued_writes]:
-                if not w.future.done():
-                    w.future.set_exception(StoreError(f"write not committed: {type(exc).__name__}: {exc}"))
+                applied = queued = f"write not acknowledged: {type(exc).__name__}: {exc}"
+            for ws, why in ((batch, applied), (ctx.queued_writes, queued)):
+                for w in ws:
+                    if not w.future.done():
+                        w.future.set_exception(StoreError(why))
             ctx.queued_writes.clear()
             _reraise_fatal(exc)
         finally:

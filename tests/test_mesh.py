@@ -272,3 +272,32 @@ class StallingChannel:
         if self.stall.is_set():
             await asyncio.Event().wait()
         return await self.inner.recv()  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_writes_during_a_store_commit_share_the_next_round(make: Callable[[str], Node]) -> None:
+    """Group commit: the first write is applied at once; those submitted while it is stored form one round."""
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    tasks = link(a, b)
+    await wait_until(lambda: connected(a, b) and connected(b, a), T)
+    doc = DocId("grouped")
+    await a.write(doc, [("gone", "0")])
+    first = a.submit_write(doc, [("k0", "0")])
+    assert a.get(doc, "k0").value == "0"  # applied in the call, before its store commit
+    rest = [a.submit_write(doc, [(f"k{i}", str(i))]) for i in range(1, 50)]
+    rest.append(a.submit_write(doc, [("gone", None), ("absent", None)]))
+    rest.append(a.submit_write(doc, [("absent", None)]))
+    with pytest.raises(EntryError):
+        a.submit_write(doc, [("", "1")])  # refused before it is queued
+    assert not any(f.done() for f in rest)  # waiting for the round after the first write's commit
+    assert (await first) == (2, 1)
+    outcomes = await asyncio.gather(*rest)
+    assert {v for v, _ in outcomes} == {3}  # one round: one version
+    assert [c for _, c in outcomes] == [1] * 49 + [1, 0]
+    await wait_until(lambda: all(value(b, "grouped", f"k{i}") == str(i) for i in range(50)), T)
+    assert value(b, "grouped", "gone") is None
+    stored = await na.store.load(doc)
+    assert stored is not None and stored.version == 3
+    for t in tasks:
+        t.cancel()
