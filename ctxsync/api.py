@@ -267,39 +267,32 @@ class Api:
         straight to the group commit (:meth:`Mesh.submit_write`) without a task each.
         Streaming ops (``watch``) cannot be batched.
         """
-        pending: list[asyncio.Future[Any]] = []
-        texts: list[str | None] = []
-        kinds: list[str] = []
+        answers: list[str | asyncio.Future[Any]] = []  # a response already, or what will give one
         for req in reqs:
-            op = req.get("op")
             try:
-                if op == "set":
-                    pending.append(self.mesh.submit_write(*_set_args(req)))
-                    kinds.append("set")
-                elif op == "watch":
+                if req.get("op") == "set":
+                    answers.append(self.mesh.submit_write(*_set_args(req)))
+                elif req.get("op") == "watch":
                     raise _BadRequest("watch streams its events: send it on its own, not in a batch")
                 else:
-                    pending.append(asyncio.ensure_future(self._answer(conn, req)))
-                    kinds.append("op")
-                texts.append(None)
+                    answers.append(asyncio.ensure_future(self._answer(conn, req)))
             except Exception as exc:
-                texts.append(self._error_text(req, exc))
-                kinds.append("done")
-        outcomes = iter(await asyncio.gather(*pending, return_exceptions=True))
-        answers: list[str] = []
-        for req, kind, text in zip(reqs, kinds, texts, strict=True):
-            if kind == "set":
-                outcome = next(outcomes)
-                if isinstance(outcome, BaseException):
-                    text = self._error_text(req, outcome)
-                else:
-                    text = _set_json(req.get("id"), *outcome)
-            elif kind == "op":
-                outcome = next(outcomes)
-                text = outcome if isinstance(outcome, str) else None
-            answers.append(text or _error_json(req.get("id"), "error", "no answer"))
+                answers.append(self._error_text(req, exc))
+        await asyncio.gather(*(a for a in answers if not isinstance(a, str)), return_exceptions=True)
+        texts: list[str] = []
+        for req, answer in zip(reqs, answers, strict=True):
+            if isinstance(answer, str):
+                texts.append(answer)
+            elif answer.cancelled():
+                texts.append(_error_json(req.get("id"), "error", "cancelled"))
+            elif (failure := answer.exception()) is not None:
+                texts.append(self._error_text(req, failure))
+            elif req.get("op") == "set":
+                texts.append(_set_json(req.get("id"), *answer.result()))
+            else:  # an op's own answer text (only watch streams, and it is refused above)
+                texts.append(answer.result() or _error_json(req.get("id"), "error", "no answer"))
         with contextlib.suppress(Exception):
-            await conn.send("[" + ",".join(answers) + "]")
+            await conn.send("[" + ",".join(texts) + "]")
 
     async def _answer(self, conn: ServerConnection, req: dict[str, Any]) -> str | None:
         """Run one request; return its response text (None when it streamed), an error response if it failed."""
