@@ -335,6 +335,8 @@ class _Op:
 
 _Job: TypeAlias = _Append | _Op
 _Outcome: TypeAlias = tuple["asyncio.Future[Any]", Any, BaseException | None]
+_HistoryRow: TypeAlias = tuple[str, int, int, int, bytes]
+"""A row of the history table: doc_id, version, idx of its first record, n records, sealed JSON array."""
 
 
 def _settle(outcomes: list[_Outcome]) -> None:
@@ -517,13 +519,19 @@ class Store:
             update: Yjs v1 update, unsealed.
             lineage: The context's lineage id, stored when this creates the context row.
             history: ``(idx, record)`` per entry change of this version (see
-                :class:`HistoryRecord`). A first ``idx`` above 0 says the earlier ones were
-                left out: ``history_from`` then moves past this version.
+                :class:`HistoryRecord`), with consecutive ``idx``; they are stored as one
+                row. A first ``idx`` above 0 says the earlier ones were left out:
+                ``history_from`` then moves past this version.
 
         Returns:
             A future that completes once the update is committed, or fails with
             :class:`StoreError` (chaining the SQLite error) if its transaction failed.
+
+        Raises:
+            ValueError: If the ``idx`` values of ``history`` are not consecutive.
         """
+        if any(idx != history[0][0] + i for i, (idx, _) in enumerate(history)):
+            raise ValueError(f"history of version {version} must have consecutive idx values")
         job = _Append(self._future(), doc_id, version, bytes(update), _now_ms(), lineage, tuple(history))
         return self._submit(job)
 
@@ -570,40 +578,41 @@ class Store:
             row = conn.execute("SELECT history_from FROM contexts WHERE doc_id = ?", (doc_id,)).fetchone()
             if row is None:
                 return HistoryPage([], 1)
+            history_from = int(row[0])
             sql = "SELECT version, idx, data FROM history WHERE doc_id = ?"
             args: list[Any] = [doc_id]
-            history_from = int(row[0])
-            # The table may hold up to 10% more than history_limit between two prunes: show
-            # exactly the newest history_limit records, as if pruned already.
-            beyond = conn.execute(
-                "SELECT 1 FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
-                (doc_id, self.history_limit),
-            ).fetchone()
-            if beyond is not None:
-                cut_version, cut_idx = conn.execute(
-                    "SELECT version, idx FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
-                    (doc_id, self.history_limit - 1),
-                ).fetchone()
+            # The table may hold up to 10% more than history_limit between two prunes (and the
+            # older records of the row at the cut): show exactly the newest history_limit
+            # records, as if pruned already.
+            first: tuple[int, int] = (0, 0)
+            cut = self._history_cut(conn, doc_id)
+            if cut is not None:
+                cut_version, row_idx, first_kept = cut
                 sql += " AND (version > ? OR (version = ? AND idx >= ?))"
-                args += [cut_version, cut_version, cut_idx]
-                history_from = max(history_from, cut_version if cut_idx == 0 else cut_version + 1)
+                args += [cut_version, cut_version, row_idx]
+                first = (cut_version, first_kept)
+                history_from = max(history_from, cut_version if first_kept == 0 else cut_version + 1)
             if since is not None:
                 sql += " AND version > ?"
                 args.append(since)
             sql += " ORDER BY version, idx" if since is not None else " ORDER BY version DESC, idx DESC"
-            if key is None:
-                sql += " LIMIT ?"
-                args.append(limit)
             aad = HISTORY_AAD + doc_id.encode()
             found: list[HistoryRecord] = []
-            for version, idx, data in conn.execute(sql, args):
-                record = self._unseal_json(data, aad, doc_id, f"history record {version}.{idx}")
-                if key is None or record.get("key") == key:
-                    found.append(HistoryRecord(version, idx, record))
-                    if len(found) >= limit:
-                        break
+            for version, row_idx, data in conn.execute(sql, args):
+                records = self._unseal_json(data, aad, doc_id, f"history of version {version}")
+                if isinstance(records, dict):
+                    records = [records]  # a row from before schema version 3: one record
+                indexed = list(enumerate(records, row_idx))
+                for idx, record in indexed if since is not None else reversed(indexed):
+                    if (version, idx) >= first and (key is None or record.get("key") == key):
+                        found.append(HistoryRecord(version, idx, record))
+                if len(found) >= limit:
+                    break
             if since is None:
+                found = found[:limit]
                 found.reverse()
+            else:
+                del found[limit:]
             return HistoryPage(found, history_from)
 
         return await self._call(read)
@@ -1080,18 +1089,14 @@ class Store:
     def _commit(self, conn: sqlite3.Connection, appends: list[_Append], writes: list[_Op]) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
         rows: list[tuple[str, int, bytes]] = []
-        history: list[tuple[str, int, int, bytes]] = []
+        history: list[_HistoryRow] = []
         gaps: dict[str, int] = {}
         contexts: dict[str, tuple[int, str]] = {}
         sealed: list[_Append] = []
         for a in appends:
             try:
                 row: tuple[str, int, bytes] = (a.doc_id, a.version, self._seal(a.update, a.doc_id.encode()))
-                aad = HISTORY_AAD + a.doc_id.encode()
-                records = [
-                    (a.doc_id, a.version, idx, self._seal(json.dumps(r, separators=(",", ":")).encode(), aad))
-                    for idx, r in a.history
-                ]
+                records = self._history_row(a)
             except Exception as exc:
                 error = StoreError(f"cannot seal an update of context {a.doc_id!r}: {exc}")
                 error.__cause__ = exc
@@ -1131,41 +1136,78 @@ class Store:
             + [(w.future, r, None) for w, r in zip(writes, results, strict=True)]
         )
 
-    def _add_history(self, conn: sqlite3.Connection, records: list[tuple[str, int, int, bytes]], gaps: dict[str, int]) -> None:
-        """Insert history records, then drop the oldest beyond :attr:`history_limit` (inside the caller's transaction)."""
-        conn.executemany("INSERT OR REPLACE INTO history (doc_id, version, idx, data) VALUES (?, ?, ?, ?)", records)
+    def _history_row(self, a: _Append) -> list[_HistoryRow]:
+        """The history row of one append (none if it has no records): its records as one sealed JSON array."""
+        if not a.history:
+            return []
+        first = a.history[0][0]
+        blob = json.dumps([r for _, r in a.history], separators=(",", ":")).encode()
+        return [(a.doc_id, a.version, first, len(a.history), self._seal(blob, HISTORY_AAD + a.doc_id.encode()))]
+
+    def _add_history(self, conn: sqlite3.Connection, rows: list[_HistoryRow], gaps: dict[str, int]) -> None:
+        """
+        Insert history rows, then drop the oldest beyond :attr:`history_limit` records (inside
+        the caller's transaction).
+
+        Pruning works in steps of 10% of the limit (not an index walk per commit) and by whole
+        rows: the row holding the limit-th newest record stays whole, and
+        :meth:`read_history` hides its older records as if they were gone.
+        """
+        conn.executemany("INSERT OR REPLACE INTO history (doc_id, version, idx, n, data) VALUES (?, ?, ?, ?, ?)", rows)
         added: dict[str, int] = {}
-        for doc_id, *_ in records:
-            added[doc_id] = added.get(doc_id, 0) + 1
+        for doc_id, _, _, n, _ in rows:
+            added[doc_id] = added.get(doc_id, 0) + n
         limit = self.history_limit
         for doc_id, n in added.items():
             count = self._history_rows.get(doc_id)
-            if count is None:
-                count = conn.execute("SELECT COUNT(*) FROM history WHERE doc_id = ?", (doc_id,)).fetchone()[0]
-            else:
-                count += n
-            if count > limit + max(1, limit // 10):  # prune in steps: not an index walk per commit
-                cut = conn.execute(
-                    "SELECT version, idx FROM history WHERE doc_id = ? ORDER BY version DESC, idx DESC LIMIT 1 OFFSET ?",
-                    (doc_id, limit - 1),
-                ).fetchone()
-                if cut is None:  # the cached count ran ahead (records replaced, not added): recount
-                    count = conn.execute("SELECT COUNT(*) FROM history WHERE doc_id = ?", (doc_id,)).fetchone()[0]
-                    self._history_rows[doc_id] = count
+            count = self._count_history(conn, doc_id) if count is None else count + n
+            if count > limit + max(1, limit // 10):
+                cut = self._history_cut(conn, doc_id)
+                if cut is None:  # the cached count ran ahead (rows replaced, not added): recount
+                    self._history_rows[doc_id] = self._count_history(conn, doc_id)
                     continue
-                version, idx = cut
+                version, row_idx, first_kept = cut
                 conn.execute(
                     "DELETE FROM history WHERE doc_id = ? AND (version < ? OR (version = ? AND idx < ?))",
-                    (doc_id, version, version, idx),
+                    (doc_id, version, version, row_idx),
                 )
-                count = limit
-                first_whole = version if idx == 0 else version + 1
-                gaps[doc_id] = max(gaps.get(doc_id, 0), first_whole)
+                count = limit  # (plus the hidden older records of the cut row, if any)
+                gaps[doc_id] = max(gaps.get(doc_id, 0), version if first_kept == 0 else version + 1)
             self._history_rows[doc_id] = count
         conn.executemany(
             "UPDATE contexts SET history_from = max(history_from, ?) WHERE doc_id = ?",
             [(v, d) for d, v in gaps.items()],
         )
+
+    @staticmethod
+    def _count_history(conn: sqlite3.Connection, doc_id: str) -> int:
+        return int(conn.execute("SELECT COALESCE(SUM(n), 0) FROM history WHERE doc_id = ?", (doc_id,)).fetchone()[0])
+
+    def _history_cut(self, conn: sqlite3.Connection, doc_id: str) -> tuple[int, int, int] | None:
+        """
+        Where the newest :attr:`history_limit` records of a context begin, if it holds more.
+
+        Returns:
+            ``(version, row_idx, first_kept)``: the row (by its version and first idx) holding
+            the limit-th newest record, and that record's idx. None if the context holds no more
+            than the limit.
+        """
+        row = conn.execute(
+            "SELECT version, idx, total FROM (SELECT version, idx, SUM(n) OVER"
+            " (ORDER BY version DESC, idx DESC ROWS UNBOUNDED PRECEDING) AS total FROM history WHERE doc_id = ?)"
+            " WHERE total >= ? LIMIT 1",
+            (doc_id, self.history_limit),
+        ).fetchone()
+        if row is None:
+            return None
+        version, row_idx, total = row
+        has_older = total > self.history_limit or conn.execute(
+            "SELECT 1 FROM history WHERE doc_id = ? AND (version < ? OR (version = ? AND idx < ?)) LIMIT 1",
+            (doc_id, version, version, row_idx),
+        ).fetchone() is not None
+        if not has_older:
+            return None
+        return version, row_idx, row_idx + total - self.history_limit
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:

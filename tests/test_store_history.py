@@ -1,5 +1,5 @@
 """
-Tests of the store's schema version 2 (ctxsync/store.py, sql/migrations/02-*.sql): history,
+Tests of the store's schema versions 2 and 3 (ctxsync/store.py, sql/migrations/0[23]-*.sql): history,
 lineage, context reset, snapshots, webhooks, their sealing and the migration from version 1.
 
 Real SQLite files in tmp_path, real ciphers (ctxsync.seal) and real Yjs updates from pycrdt.
@@ -465,7 +465,7 @@ async def test_version_1_store_migrates_to_legacy_lineage_and_history_from(tmp_p
         by_id = {c.doc_id: c for c in await store.load_all()}
         pages = {d: await store.read_history(DocId(d), since=0) for d in "abcd"}
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 3
     assert {d: c.lineage for d, c in by_id.items()} == dict.fromkeys("abcd", LEGACY_LINEAGE)
     assert {d: c.history_from for d, c in by_id.items()} == {"a": 4, "b": 10, "c": 1, "d": 5}
     assert {d: c.version for d, c in by_id.items()} == {"a": 3, "b": 9, "c": 0, "d": 4}
@@ -716,3 +716,85 @@ async def test_delete_reports_whether_it_existed(tmp_path: Path) -> None:
         " (ctxsync/recovery.py) raises NotFound for a snapshot it just deleted"
     )
     assert (deleted_snapshot, deleted_webhook) == (True, True), bug
+
+
+# -- schema version 3: one history row per version --------------------------------------------
+
+
+async def test_a_version_is_one_history_row_and_reads_back_record_by_record(tmp_path: Path) -> None:
+    """A version's records are one sealed row (n = records); reads still filter and cut per record."""
+    path, writer = tmp_path / "store.db", Writer()
+    async with Store(path, history_limit=100) as store:
+        await store.append(
+            CTX, 1, writer.set_many({f"k{i}": i for i in range(40)}), history=[(i, record(f"k{i}", i)) for i in range(40)]
+        )
+        await store.append(CTX, 2, writer.set("k3", "x"), history=[(0, record("k3", "x", 3))])
+        newest = await store.read_history(CTX, limit=3)
+        oldest = await store.read_history(CTX, since=0, limit=3)
+        mid = await store.read_history(CTX, since=1, limit=10)
+        only_k3 = await store.read_history(CTX, key="k3", since=0)
+        with pytest.raises(ValueError, match="consecutive"):
+            store.append_nowait(CTX, 3, writer.set("k", 1), history=[(0, record("k", 1)), (2, record("j", 1))])
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT version, idx, n FROM history WHERE doc_id = ? ORDER BY version", (CTX,)).fetchall()
+    assert rows == [(1, 0, 40), (2, 0, 1)]
+    assert versions(newest) == [(1, 38), (1, 39), (2, 0)]
+    assert versions(oldest) == [(1, 0), (1, 1), (1, 2)]
+    assert versions(mid) == [(2, 0)]
+    assert [(r.version, r.idx, r.record["value"]) for r in only_k3.records] == [(1, 3, "3"), (2, 0, '"x"')]
+
+
+async def test_pruning_by_records_over_rows_of_many_records(tmp_path: Path) -> None:
+    """Versions of 4 records with history_limit=10: rows go whole, reads show exactly the newest 10."""
+    path, writer = tmp_path / "store.db", Writer()
+    async with Store(path, history_limit=10) as store:
+        for v in range(1, 31):
+            values = {f"{k}": v for k in "abcd"}
+            await store.append(CTX, v, writer.set_many(values), history=[(i, record(k, v)) for i, k in enumerate("abcd")])
+            assert len(history_rows(path)) <= 5, f"rows bounded after version {v}"
+            page = await store.read_history(CTX, since=0, limit=100)
+            expected = [(w, i) for w in range(1, v + 1) for i in range(4)][-10:]
+            assert versions(page) == expected, f"newest 10 records after version {v}"
+            assert page.history_from == expected[0][0] + (expected[0][1] > 0)
+        newest = await store.read_history(CTX, limit=5)
+    assert versions(newest) == [(29, 3), (30, 0), (30, 1), (30, 2), (30, 3)]
+    async with Store(path, history_limit=10) as store:  # the record count is recomputed on reopen
+        for v in range(31, 41):
+            values = {f"{k}": v for k in "abcd"}
+            await store.append(CTX, v, writer.set_many(values), history=[(i, record(k, v)) for i, k in enumerate("abcd")])
+        page = await store.read_history(CTX, since=0, limit=100)
+        (loaded,) = await store.load_all()
+    assert versions(page) == [(38, 2), (38, 3)] + [(w, i) for w in (39, 40) for i in range(4)]
+    assert page.history_from == 39 and loaded.version == 40
+    assert len(history_rows(path)) <= 5
+
+
+async def test_history_rows_of_schema_version_2_still_read(tmp_path: Path) -> None:
+    """A version 2 store (one sealed JSON object per record) migrates; old and new rows read as one history."""
+    path, writer = tmp_path / "store.db", Writer()
+    schema, migrations = store_module._scripts()
+    crc = ChecksumCipher()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn, schema, migrations[:1]) == 2
+        conn.execute("INSERT INTO contexts (doc_id, created_at_ms) VALUES (?, ?)", (CTX, 1_600_000_000_000))
+        for v in (1, 2):
+            update = writer.set_many({"a": v, "b": v})
+            conn.execute("INSERT INTO updates (doc_id, version, data) VALUES (?, ?, ?)", (CTX, v, crc.seal(update, CTX.encode())))
+            for i, k in enumerate("ab"):
+                blob = json.dumps(record(k, v)).encode()
+                conn.execute(
+                    "INSERT INTO history (doc_id, version, idx, data) VALUES (?, ?, ?, ?)",
+                    (CTX, v, i, crc.seal(blob, store_module.HISTORY_AAD + CTX.encode())),
+                )
+    finally:
+        conn.close()
+    async with Store(path, history_limit=5) as store:
+        before = await store.read_history(CTX, since=0)
+        await store.append(CTX, 3, writer.set_many({"a": 3, "b": 3}), history=[(0, record("a", 3)), (1, record("b", 3))])
+        after = await store.read_history(CTX, since=0)
+        only_b = await store.read_history(CTX, key="b")
+    assert versions(before) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [r.record["key"] for r in before.records] == ["a", "b", "a", "b"]
+    assert versions(after) == [(1, 1), (2, 0), (2, 1), (3, 0), (3, 1)] and after.history_from == 2
+    assert [(r.version, r.record["value"]) for r in only_b.records] == [(1, "1"), (2, "2"), (3, "3")]
