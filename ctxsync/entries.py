@@ -372,6 +372,8 @@ class EntryMap:
         self._changes: dict[str, EntryChange] = {}
         self._reasserts: dict[str, Slot] = {}
         self._new_conflicts: dict[str, None] = {}
+        self._indexed_own: dict[str, dict[str, Any]] = {}
+        """Own slots written and indexed in the open transaction: slot name -> the raw value set."""
         self._closed = False
         self._meta: pycrdt.Map[Any] = doc.get(META_ROOT, type=pycrdt.Map)
         self._strategy = Strategy.parse(self._meta.get("strategy"))
@@ -489,8 +491,11 @@ class EntryMap:
             for writer in writers:
                 if writer != node:
                     del self._map[slot_key(key, writer)]
-        self._map[slot_key(key, node)] = {"v": value, "t": t} if value is not None else {"t": t, "deleted": True}
-        # Index at once; the observer will see the same slots again and find nothing to do.
+        name = slot_key(key, node)
+        raw = {"v": value, "t": t} if value is not None else {"t": t, "deleted": True}
+        self._map[name] = raw
+        # Index at once; the observer will see the same slot again and skip it (_indexed_own).
+        self._indexed_own[name] = raw
         after = Slot(node, t, value)
         self._slots[key] = {node: after}
         self._settle(key, before, after)
@@ -571,7 +576,10 @@ class EntryMap:
     def _on_map_event(self, event: pycrdt.MapEvent) -> None:
         # {slot key: {"action": "add" | "update" | "delete", "newValue": ..., "oldValue": ...}}
         changes: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]  # untyped slot
+        own, self._indexed_own = self._indexed_own, {}
         for name, change in changes.items():
+            if own and name in own and change.get("newValue") == own[name]:
+                continue  # this node's own write, indexed when it was made
             parts = split_slot_key(name)
             if parts is None:
                 continue
