@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import signal
 import time
 import sys
@@ -52,6 +53,14 @@ LOOP_LAG_WINDOW = 20
 """Loop lag probes kept; ``loop_lag_ms`` is the largest of them (the last 10 s)."""
 RATE_WINDOW = 20
 """Monitor ticks over which updates per second are averaged (10 s)."""
+GC_YOUNG_THRESHOLD = 10_000
+"""Net container allocations between two young-generation collections (CPython's default: 700).
+
+A batch of pipelined writes keeps thousands of objects (requests, futures, changes) alive for a
+few milliseconds; with the default threshold they survive collections, are promoted, and soon
+trigger full collections that walk every context's whole index. Measured with two meshes in one
+process over 20,000 replicated writes: 0.20 s of collection at 700, 0.06 s at 10,000 (about
+7 µs less CPU per write). Reference cycles, which are rare here, live a little longer."""
 
 
 class Daemon:
@@ -374,6 +383,7 @@ def run(home: Path, env: Mapping[str, str]) -> int:
         return 1
     try:
         daemon = Daemon(home, env)
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         asyncio.run(daemon.run())
     except CtxSyncError as exc:
         message = " ".join(str(exc).split())  # one line on stderr, whatever the cause said

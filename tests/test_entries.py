@@ -579,3 +579,43 @@ def test_random_histories_converge_and_keep_the_index_exact(ops: list[tuple[int,
         for key in changes:
             entry = node.entries.get(key)
             assert changes[key].value == (entry.value if entry else None)
+
+
+# -- the raw observer ---------------------------------------------------------------------------
+
+
+def test_index_failure_is_raised_after_the_transaction_commits_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An indexing error (a bug) is raised by the transaction, as pycrdt's own observers do, and
+    the transaction still committed whole: its update is produced and the next events index."""
+    a, b = Node(A), Node(B)
+    a.entries.set("k", '"v1"')
+    captured: list[bytes] = []
+    sub = b.doc.observe(lambda event: captured.append(event.update))
+
+    def broken(changes: Any) -> None:
+        raise RuntimeError("index bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(b.entries, "_index_changes", broken)
+        with pytest.raises(ExceptionGroup) as raised:
+            b.receive(a.update_since(b.doc.get_state()))
+    assert [str(e) for e in raised.value.exceptions] == ["index bug"]
+    assert len(captured) == 1, "the transaction's update was still produced"
+    assert b.doc.get(ENTRIES_ROOT, type=Map)[slot_key("k", A)]["v"] == '"v1"'
+    a.entries.set("k2", '"v2"')
+    b.receive(a.update_since(b.doc.get_state()))
+    assert b.entries.get("k2") is not None and b.entries.get("k2").value == '"v2"'  # type: ignore[union-attr]
+    b.doc.unobserve(sub)
+
+
+def test_own_writes_are_indexed_once_and_a_peer_slot_in_the_same_key_still_is() -> None:
+    """A write indexes its slot at once (the observer skips it); a peer's slot of that key arriving
+    later is indexed by the observer, and both stay visible as a conflict when concurrent."""
+    a, b = Node(A), Node(B)
+    a.entries.set("k", '"from-a"')
+    b.entries.set("k", '"from-b"')
+    assert [e.value for e in state(b.entries)] == ['"from-b"']
+    sync(a, b)
+    entry_a, entry_b = a.entries.get("k"), b.entries.get("k")
+    assert entry_a == entry_b and entry_a is not None
+    assert {entry_a.writer, *(s.writer for s in entry_a.conflicts)} == {A, B}
