@@ -203,6 +203,8 @@ def _varuint(data: bytes, pos: int, what: str) -> tuple[int, int]:
 
 def _u32(data: bytes, pos: int, what: str) -> tuple[int, int]:
     """Read a varuint that yrs reads as a 32-bit number (it would wrap larger ones)."""
+    if pos < len(data) and data[pos] < 0x80:  # one byte: the common case, without a call
+        return data[pos], pos + 1
     value, end = _varuint(data, pos, what)
     if value > _U32_MAX:
         _fail(f"{what} {value} does not fit in 32 bits", pos)
@@ -211,7 +213,10 @@ def _u32(data: bytes, pos: int, what: str) -> tuple[int, int]:
 
 def _count(data: bytes, pos: int, what: str, min_bytes: int) -> tuple[int, int]:
     """Read a count of elements taking at least ``min_bytes`` each, refusing impossible counts."""
-    value, end = _u32(data, pos, what)
+    if pos < len(data) and data[pos] < 0x80:
+        value, end = data[pos], pos + 1
+    else:
+        value, end = _u32(data, pos, what)
     if value * min_bytes > len(data) - end:
         _fail(f"{what} {value} exceeds the {len(data) - end} bytes left", pos)
     return value, end
@@ -249,6 +254,12 @@ def _validate_utf8(data: bytes, start: int, end: int, what: str) -> None:
 
 def _skip_string(data: bytes, pos: int, what: str, max_len: int | None) -> int:
     """Check a varstring (varuint byte length + UTF-8) without keeping it; return the next offset."""
+    if pos < len(data):  # fast path: a one-byte length, ASCII bytes that are all there
+        size = data[pos]
+        end = pos + 1 + size
+        if size < 0x80 and end <= len(data) and (max_len is None or size <= max_len):
+            if data[pos + 1 : end].isascii():
+                return end
     size, start = _length(data, pos, what, max_len)
     end = start + size
     if size:
@@ -258,6 +269,14 @@ def _skip_string(data: bytes, pos: int, what: str, max_len: int | None) -> int:
 
 def _string(data: bytes, pos: int, what: str, max_len: int | None) -> tuple[str, int]:
     """Read a varstring (varuint byte length + UTF-8) and return it decoded."""
+    if pos < len(data):  # fast path: a one-byte length and bytes that are all there
+        size = data[pos]
+        end = pos + 1 + size
+        if size < 0x80 and end <= len(data) and (max_len is None or size <= max_len):
+            try:
+                return data[pos + 1 : end].decode("utf-8"), end
+            except UnicodeDecodeError as exc:
+                _fail(f"invalid UTF-8 in {what}", pos + 1 + exc.start)
     size, start = _length(data, pos, what, max_len)
     end = start + size
     try:
