@@ -249,9 +249,8 @@ class Entry:
     """Losing concurrent writes (tombstones included), best first by the context's strategy; empty without a conflict."""
 
 
-@dataclass(frozen=True, slots=True)
-class EntryChange:
-    """The resolved state of ``key`` after a change, local or remote."""
+class EntryChange(NamedTuple):
+    """The resolved state of ``key`` after a change, local or remote (a named tuple, like :class:`Slot`: one per changed key)."""
 
     key: str
     value: str | None
@@ -642,6 +641,13 @@ class EntryMap:
 
     def _settle(self, key: str, before: Slot | None, after: Slot | None) -> None:
         """Update the live count, conflict set and change log after ``key``'s slots changed."""
+        if before is None and after is not None and after.value is not None and key not in self._changes:
+            # The commonest case by far (a new key, as when a node joins): one slot, no conflict.
+            if self._conflicted:
+                self._conflicted.discard(key)
+            self._live += 1
+            self._changes[key] = EntryChange(key, after.value, after.writer, after.t)
+            return
         if len(self._slots.get(key, ())) > 1:
             if key not in self._conflicted:
                 self._conflicted.add(key)
