@@ -615,7 +615,7 @@ def _set_args(req: dict[str, Any]) -> tuple[DocId, list[tuple[str, str | None]]]
     return _doc_id(req), pairs
 
 
-_scan_json = json.scanner.make_scanner(json.JSONDecoder())
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # typeshed: takes the decoder
 
 
 def _is_json_text(text: str) -> bool:
