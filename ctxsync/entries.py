@@ -497,14 +497,17 @@ class EntryMap:
             for writer in writers:
                 if writer != node:
                     del self._map[slot_key(key, writer)]
-        name = slot_key(key, node)
-        raw = {"v": value, "t": t} if value is not None else {"t": t, "deleted": True}
-        self._map[name] = raw
-        # Index at once; the observer will see the same slot again and skip it (_indexed_own).
-        self._indexed_own[name] = raw
         after = Slot(node, t, value)
+        self._put_own(key, after)
         self._slots[key] = {node: after}
         self._settle(key, before, after)
+
+    def _put_own(self, key: str, slot: Slot) -> None:
+        """Write this node's ``slot`` of ``key`` to the map; the caller indexes it at once, so the observer skips it."""
+        name = slot_key(key, slot.writer)
+        raw = {"v": slot.value, "t": slot.t} if slot.value is not None else {"t": slot.t, "deleted": True}
+        self._map[name] = raw
+        self._indexed_own[name] = raw
 
     def take_reasserts(self) -> dict[str, Slot]:
         """
@@ -534,9 +537,7 @@ class EntryMap:
                 if current is None or current.t >= own.t:
                     continue  # deleted by a later write elsewhere, or already newer
                 before = self._winner(key)
-                self._map[slot_key(key, node)] = (
-                    {"v": own.value, "t": own.t} if own.value is not None else {"t": own.t, "deleted": True}
-                )
+                self._put_own(key, own)
                 self._slots[key][node] = own
                 self._settle(key, before, self._winner(key))
                 restored += 1
