@@ -5,9 +5,10 @@ The mesh: contexts, peer sessions, the dialer, and the routing of updates.
 every live :class:`~ctxsync.session.PeerSession` and a dial loop per configured peer. It is
 the :class:`~ctxsync.session.SessionHandler` of all sessions. Its rules:
 
-- A local write is applied to the document and shown to local watchers at once; it is
-  sent to the open sessions sharing the context and acknowledged to its caller once the
-  store committed it (a write a crash could still lose never leaves as a live update).
+- A local write is applied to the document, shown to local watchers and sent to the open
+  sessions sharing the context at once, while the store commits it; it is acknowledged to
+  its caller once the store committed it. (If a crash loses it here, a peer may send it
+  back; a later own write it displaces is put back, see ``EntryMap.take_reasserts``.)
 - An update received from a peer is applied in one transaction tagged with the peer as
   origin. Only what was new to this node (the transaction's own update) is stored and
   relayed, to every other peer sharing the context, never back to where it came from.
@@ -232,7 +233,7 @@ class _Pending:
     lineage: str
     history: list[tuple[int, dict[str, Any]]]
     local: bool
-    """Made here: it may leave for peers only once stored."""
+    """Made here: a failing store keeps it however full its retention is (no peer may hold it)."""
 
 
 def backoff(min_s: float, max_s: float, *, factor: float = 2.0) -> Iterator[float]:
@@ -677,16 +678,15 @@ class Mesh:
         if update is None:
             return
         log.info("entry.restored", doc_id=ctx.doc_id, keys=restored)
-        pending = self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
-        self._spawn(self._store_then_send(pending), f"restore-{ctx.doc_id}")
+        pending = self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
+        self._spawn(self._store_own(pending), f"restore-{ctx.doc_id}")
 
-    async def _store_then_send(self, p: _Pending) -> StoreError | None:
+    async def _store_own(self, p: _Pending) -> StoreError | None:
         """
-        Store an update made here, then send it to the peers (only what is durable leaves).
+        Store an update made here (already sent to the peers by :meth:`_committed`).
 
         Returns:
-            None once stored and sent; the store's error otherwise, after keeping the update
-            to retry (it is sent when it is finally stored).
+            None once stored; the store's error otherwise, after keeping the update to retry.
         """
         try:
             await self.store.append(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
@@ -694,7 +694,6 @@ class Mesh:
             self._retain(p, exc)
             return exc
         self._durable(p)
-        self._send(p.doc_id, p.update, exclude=None, origin_ms=_now_ms())
         return None
 
     def _durable(self, p: _Pending) -> None:
@@ -848,7 +847,7 @@ class Mesh:
 
     async def _store_retained(self) -> int:
         """
-        Store every retained update in one go, forget them, and send the ones made here.
+        Store every retained update in one go and forget them.
 
         Returns:
             How many were stored. Raises the store's error, keeping them all, if it fails.
@@ -861,8 +860,6 @@ class Mesh:
         self._unpersisted_bytes = sum(len(p.update) for p in self._unpersisted)
         for p in pending:
             self._durable(p)
-            if p.local:  # durable at last: now peers may have it
-                self._send(p.doc_id, p.update, exclude=None, origin_ms=_now_ms())
         return len(pending)
 
     async def flush_unpersisted(self) -> bool:
@@ -915,13 +912,12 @@ class Mesh:
         *,
         exclude: NodeId | None,
         origin: str,
-        send: bool = True,
         tag: object = None,
         origin_ms: int = 0,
     ) -> _Pending:
         """
         Count a new version, record its history, tell watchers and raw-update subscribers, and
-        (with ``send``) send ``update`` to the peers sharing the context.
+        send ``update`` to the peers sharing the context (at once: before it is stored).
 
         Args:
             origin: Who applied it here: a peer's node id, or this node's for local writes.
@@ -961,8 +957,7 @@ class Mesh:
             fn(update, tag)
         for hook in self.on_version:
             hook(ctx)
-        if send:
-            self._send(ctx.doc_id, update, exclude=exclude, origin_ms=origin_ms)
+        self._send(ctx.doc_id, update, exclude=exclude, origin_ms=origin_ms)
         return _Pending(ctx.doc_id, ctx.version, update, ctx.lineage, history, local=origin == self.node_id)
 
     def _send(self, doc_id: DocId, update: bytes, *, exclude: NodeId | None, origin_ms: int = 0) -> None:
@@ -1100,16 +1095,17 @@ class Mesh:
             return None
         if ctx.unborn:
             self._announce(ctx)  # before the update leaves: the step 1 names the lineage
-        # Watchers here see the change at once; peers only once it is durable, so nothing
-        # of this node's own that a crash could still lose ever leaves it (after a restart
-        # a new Yjs client id would otherwise race the lost write for the same slot).
-        return self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
+        # Watchers here and peers see the change at once, while the store commits it (the
+        # caller's answer waits for the commit). If a crash loses it here, a peer may still
+        # hold it and send it back: EntryMap.take_reasserts() puts back any later own write
+        # it displaces (a new Yjs client id after the restart would lose the tie-break).
+        return self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
 
     async def _finish_writes(self, batch: list[_Write], pending: _Pending | None) -> None:
         """Store ``pending`` (the version ``batch`` made), send it once durable, and answer each write."""
         if pending is None:
             return
-        failed = await self._store_then_send(pending)
+        failed = await self._store_own(pending)
         for w in batch:
             if w.future.done():
                 continue
@@ -1253,8 +1249,8 @@ class Mesh:
             raise EntryError(f"update refused: {exc}") from None
         if new is None:
             return ctx.version
-        pending = self._committed(ctx, new, exclude=None, send=False, origin=self.node_id, tag=tag)
-        failed = await self._store_then_send(pending)
+        pending = self._committed(ctx, new, exclude=None, origin=self.node_id, tag=tag, origin_ms=_now_ms())
+        failed = await self._store_own(pending)
         if failed is not None:
             raise StoreError(f"update not acknowledged: the store failed ({failed}); it stays in memory and is retried")
         return pending.version
@@ -1282,8 +1278,8 @@ class Mesh:
         update = ctx.take_update()
         if update is None:
             return ctx.version
-        pending = self._committed(ctx, update, exclude=None, send=False, origin=self.node_id)
-        failed = await self._store_then_send(pending)
+        pending = self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
+        failed = await self._store_own(pending)
         if failed is not None:
             raise StoreError(f"change not acknowledged: the store failed ({failed}); it stays in memory and is retried")
         log.info("context.strategy", doc_id=doc_id, strategy=strategy.name, priority=list(strategy.priority))

@@ -551,9 +551,9 @@ async def test_crash_before_commit_never_beats_a_later_acknowledged_write(tmp_pa
         await net.link(a, b)
         await a.m.write(doc, [("k", '"v1"')])
         await net.quiesce()
-        # a dies before committing "v2" (never acknowledged): being undurable, it never left a.
+        # a dies before committing "v2" (never acknowledged), after sending it to b.
         await net.crash_during_write(a, doc, [("k", '"v2"')], relink=False)
-        assert b.m.get(doc, "k").value == '"v1"' and a.m.get(doc, "k").value == '"v1"'
+        assert b.m.get(doc, "k").value == '"v2"' and a.m.get(doc, "k").value == '"v1"'
         await a.m.write(doc, [("k", '"v3"')])  # acknowledged, and later than "v2" on the same node
         await net.link(a, b)
         await net.quiesce()
