@@ -90,30 +90,44 @@ class WebsocketChannel:
         self.peer_id = peer_id
         self.dialed = dialed
         self.stall_timeout = stall_timeout
+        self._stalled = False
+        self._watchdog: asyncio.TimerHandle | None = None  # re-armed by _check_progress while a send waits
         addr = conn.remote_address
         self.remote_address = f"{addr[0]}:{addr[1]}" if addr else "?"
 
     async def send(self, frame: bytes) -> None:
-        with map_exceptions(self.peer_id):
-            task = asyncio.ensure_future(self._conn.send(frame))
-            task.add_done_callback(_retrieve)  # an abandoned send's error is ours to drop
-            try:
-                last: int | None = None
-                while True:
-                    done, _ = await asyncio.wait({task}, timeout=self.stall_timeout)
-                    if done:
-                        task.result()
-                        return
-                    size = self._conn.transport.get_write_buffer_size()
-                    if last is not None and size >= last:
-                        self._conn.transport.abort()
-                        raise PeerDisconnected(
-                            f"send stalled: no progress for {2 * self.stall_timeout:g} s", peer_id=self.peer_id
-                        )
-                    last = size
-            finally:
-                if not task.done():
-                    task.cancel()
+        """
+        Send one binary message. It is written to the socket before this returns or first
+        suspends; it suspends only while the write buffer is above its high-water mark.
+
+        Raises:
+            PeerDisconnected: The connection closed, or the send stalled (see ``stall_timeout``).
+            PeerUnreachable: An OS error.
+        """
+        # A timer, not a task per send: a task would put the write one event loop turn later.
+        watchdog = asyncio.get_running_loop().call_later(self.stall_timeout, self._check_progress, None)
+        try:
+            with map_exceptions(self.peer_id):
+                await self._conn.send(frame)
+        except PeerDisconnected:
+            if not self._stalled:
+                raise
+        finally:
+            watchdog.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+        if self._stalled:  # aborted by _check_progress (the send may even have returned normally)
+            raise PeerDisconnected(f"send stalled: no progress for {2 * self.stall_timeout:g} s", peer_id=self.peer_id)
+
+    def _check_progress(self, last: int | None) -> None:
+        """The send timer: abort the connection if its write buffer did not shrink since the last check."""
+        size = self._conn.transport.get_write_buffer_size()
+        if last is not None and size >= last:
+            self._stalled = True
+            self._conn.transport.abort()  # the pending send then fails with ConnectionClosed
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(self.stall_timeout, self._check_progress, size)
 
     async def recv(self) -> bytes:
         with map_exceptions(self.peer_id):
@@ -130,11 +144,6 @@ class WebsocketChannel:
 
     def rtt_s(self) -> float:
         return float(self._conn.latency)
-
-
-def _retrieve(task: asyncio.Future[None]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _ssl_object(conn: Connection) -> ssl.SSLObject:
