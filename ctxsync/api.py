@@ -241,7 +241,12 @@ class Api:
                 except ValueError as exc:
                     await conn.send(_error_json(None, "bad_request", str(exc)))
                     continue
-                coro = self._handle(conn, req) if isinstance(req, dict) else self._handle_batch(conn, req)
+                if isinstance(req, list):
+                    coro = self._handle_batch(conn, req)
+                elif req.get("op") == "set":  # applied (and sent to peers) now, answered once durable
+                    coro = self._handle_set(conn, req, self._submit_set(req))
+                else:
+                    coro = self._handle(conn, req)
                 task = asyncio.create_task(coro)
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -259,6 +264,35 @@ class Api:
             with contextlib.suppress(Exception):
                 await conn.send(text)
 
+    def _submit_set(self, req: dict[str, Any]) -> asyncio.Future[tuple[int, int]] | str:
+        """
+        Start a ``set`` in this call: queue it for the group commit (:meth:`Mesh.submit_write`,
+        which applies it at once when no round is committing), without waiting for a task.
+
+        Returns:
+            The write's future, or the error response if it was refused before being queued.
+        """
+        try:
+            return self.mesh.submit_write(*_set_args(req))
+        except Exception as exc:
+            return self._error_text(req, exc)
+
+    async def _handle_set(
+        self, conn: ServerConnection, req: dict[str, Any], started: asyncio.Future[tuple[int, int]] | str
+    ) -> None:
+        """Answer a ``set`` started by :meth:`_submit_set` once it is durable (or failed)."""
+        if isinstance(started, str):
+            text = started
+        else:
+            try:
+                text = _set_json(req.get("id"), *await started)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                text = self._error_text(req, exc)
+        with contextlib.suppress(Exception):
+            await conn.send(text)
+
     async def _handle_batch(self, conn: ServerConnection, reqs: list[dict[str, Any]]) -> None:
         """
         Answer a batch (a JSON array of requests in one message) with one message: the array of
@@ -272,7 +306,7 @@ class Api:
         for req in reqs:
             try:
                 if req.get("op") == "set":
-                    answers.append(self.mesh.submit_write(*_set_args(req)))
+                    answers.append(self._submit_set(req))
                 elif req.get("op") == "watch":
                     raise _BadRequest("watch streams its events: send it on its own, not in a batch")
                 else:
@@ -349,10 +383,6 @@ class Api:
 
     async def _op_keys(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
         return self._ok(req_id, self.mesh.keys(_doc_id(req), _str(req, "prefix", "")))
-
-    async def _op_set(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
-        version, changed = await self.mesh.write(*_set_args(req))
-        return _set_json(req_id, version, changed)
 
     async def _op_watch(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> None:
         ctx = req.get("context")
