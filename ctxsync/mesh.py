@@ -1102,7 +1102,7 @@ class Mesh:
         return self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
 
     async def _finish_writes(self, batch: list[_Write], pending: _Pending | None) -> None:
-        """Store ``pending`` (the version ``batch`` made), send it once durable, and answer each write."""
+        """Store ``pending`` (the version ``batch`` made, already sent to peers) and answer each write once durable."""
         if pending is None:
             return
         failed = await self._store_own(pending)

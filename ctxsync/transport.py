@@ -90,8 +90,6 @@ class WebsocketChannel:
         self.peer_id = peer_id
         self.dialed = dialed
         self.stall_timeout = stall_timeout
-        self._stalled = False
-        self._watchdog: asyncio.TimerHandle | None = None  # re-armed by _check_progress while a send waits
         addr = conn.remote_address
         self.remote_address = f"{addr[0]}:{addr[1]}" if addr else "?"
 
@@ -105,29 +103,31 @@ class WebsocketChannel:
             PeerUnreachable: An OS error.
         """
         # A timer, not a task per send: a task would put the write one event loop turn later.
-        watchdog = asyncio.get_running_loop().call_later(self.stall_timeout, self._check_progress, None)
+        loop = asyncio.get_running_loop()
+        stalled = False
+        timer: asyncio.TimerHandle  # the current check, re-armed by check_progress
+
+        def check_progress(last: int | None) -> None:
+            """Abort the connection if its write buffer did not shrink since the last check."""
+            nonlocal timer, stalled
+            size = self._conn.transport.get_write_buffer_size()
+            if last is not None and size >= last:
+                stalled = True
+                self._conn.transport.abort()  # the pending send then ends (ConnectionClosed or not)
+                return
+            timer = loop.call_later(self.stall_timeout, check_progress, size)
+
+        timer = loop.call_later(self.stall_timeout, check_progress, None)
         try:
             with map_exceptions(self.peer_id):
                 await self._conn.send(frame)
         except PeerDisconnected:
-            if not self._stalled:
+            if not stalled:
                 raise
         finally:
-            watchdog.cancel()
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-                self._watchdog = None
-        if self._stalled:  # aborted by _check_progress (the send may even have returned normally)
+            timer.cancel()
+        if stalled:
             raise PeerDisconnected(f"send stalled: no progress for {2 * self.stall_timeout:g} s", peer_id=self.peer_id)
-
-    def _check_progress(self, last: int | None) -> None:
-        """The send timer: abort the connection if its write buffer did not shrink since the last check."""
-        size = self._conn.transport.get_write_buffer_size()
-        if last is not None and size >= last:
-            self._stalled = True
-            self._conn.transport.abort()  # the pending send then fails with ConnectionClosed
-            return
-        self._watchdog = asyncio.get_running_loop().call_later(self.stall_timeout, self._check_progress, size)
 
     async def recv(self) -> bytes:
         with map_exceptions(self.peer_id):
