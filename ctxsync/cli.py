@@ -32,7 +32,7 @@ class _Fail(Exception):
 
 
 def _home(args: argparse.Namespace) -> Path:
-    h = args.home or os.environ.get("CTXSYNC_HOME") or "~/.ctxsync"
+    h = getattr(args, "home", None) or os.environ.get("CTXSYNC_HOME") or "~/.ctxsync"
     return Path(h).expanduser()
 
 
@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, help="node home directory (default $CTXSYNC_HOME, else ~/.ctxsync)")
     p = argparse.ArgumentParser(prog="ctxsync", description="Keep shared key/value contexts in sync between machines.", parents=[common])
-    p.set_defaults(home=None)
+    # No p.set_defaults(home=...): the --home action is shared with every subparser through
+    # `parents`, so a default set here would make each subparser overwrite a `--home` given
+    # before the command.
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
