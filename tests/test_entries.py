@@ -619,3 +619,55 @@ def test_own_writes_are_indexed_once_and_a_peer_slot_in_the_same_key_still_is() 
     entry_a, entry_b = a.entries.get("k"), b.entries.get("k")
     assert entry_a == entry_b and entry_a is not None
     assert {entry_a.writer, *(s.writer for s in entry_a.conflicts)} == {A, B}
+
+
+def loaded(updates: Iterable[bytes]) -> EntryMap:
+    """An entry map built over a doc that already holds ``updates`` (the index is loaded, not observed)."""
+    doc: Doc[Any] = Doc()
+    for update in updates:
+        doc.apply_update(update)
+    return EntryMap(doc, NodeId("observer"), Clock(Wall(0)))
+
+
+def test_a_conflict_shrinks_slot_by_slot_and_reads_as_a_rebuilt_index() -> None:
+    """Three concurrent slots, then two, then one: observed and loaded indexes agree at every step."""
+    a, b, c = Node(A, ms=1_000), Node(B, ms=2_000), Node(C, ms=3_000)
+    for node in (a, b, c):
+        node.entries.set("k", f'"{node.node_id}"')
+    only_b, only_c = b.doc.get_update(), c.doc.get_update()
+    sync(a, b, c)
+    watcher_doc: Doc[Any] = Doc()
+    watcher = EntryMap(watcher_doc, NodeId("observer"), Clock(Wall(0)))
+    watcher_doc.apply_update(a.doc.get_update())
+    got = watcher.get("k")
+    assert got is not None and got.writer == C and [s.writer for s in got.conflicts] == [B, A]
+    # d sees only b's and c's slots, so its write replaces those two and a's slot stays.
+    d = Node(NodeId("node-d"), ms=4_000)
+    d.receive(only_b, only_c)
+    d.entries.set("k", '"d"')
+    watcher_doc.apply_update(d.update_since(watcher_doc.get_state()))
+    got = watcher.get("k")
+    assert got is not None and (got.value, [s.writer for s in got.conflicts]) == ('"d"', [A])
+    assert state(watcher) == state(loaded([watcher_doc.get_update()]))
+    assert watcher.conflicts() == [got]
+    # a sees everything: its write leaves one slot.
+    a.receive(d.update_since(a.doc.get_state()))
+    a.wall.ms = 5_000
+    a.entries.set("k", '"last"')
+    watcher_doc.apply_update(a.update_since(watcher_doc.get_state()))
+    assert watcher.get("k") == Entry("k", '"last"', a.clock.latest, A)
+    assert watcher.conflicts() == [] and len(watcher) == 1
+    assert state(watcher) == state(loaded([watcher_doc.get_update()]))
+    assert a.entries.delete("k") is True
+    watcher_doc.apply_update(a.update_since(watcher_doc.get_state()))
+    assert watcher.get("k") is None and watcher.keys() == [] and len(watcher) == 0
+
+
+def test_a_writer_id_is_held_once_however_many_slots_it_wrote() -> None:
+    """The index shares one string per writer, not one per slot (memory at 100,000 keys)."""
+    b = Node(NodeId("".join(["node-", "b"])))
+    b.entries.set_many([(f"k{i}", str(i)) for i in range(3)])
+    for entries in (fresh([b.doc.get_update()]), loaded([b.doc.get_update()])):
+        writers = [entries.get(f"k{i}").writer for i in range(3)]  # type: ignore[union-attr]
+        assert writers == [B] * 3
+        assert writers[0] is writers[1] is writers[2]
