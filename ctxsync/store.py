@@ -919,7 +919,8 @@ class Store:
         jobs: list[_Job] = []
         try:
             while close is None:
-                jobs = [self._queue.get()]
+                jobs = []  # let the last batch go before waiting: its updates can be megabytes
+                jobs.append(self._queue.get())
                 while len(jobs) < MAX_BATCH:
                     try:
                         jobs.append(self._queue.get_nowait())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import random
@@ -21,6 +22,8 @@ from ctxsync.errors import InvalidState, SchemaVersionError, StoreCorrupt, Store
 from ctxsync.seal import AeadCipher, ChecksumCipher
 from ctxsync.store import Migration, Store, StoreKeyError, migrate, schema_version
 from ctxsync.types import DocId
+
+from tests.helpers import wait_until
 
 CTX = DocId("notes")
 TIMEOUT_S = 30.0 * float(os.environ.get("CTXSYNC_TESTS_TIMEOUT_FACTOR", "1"))
@@ -128,6 +131,20 @@ async def test_append_nowait_completes_on_commit(tmp_path: Path) -> None:
         future = store.append_nowait(CTX, 1, writer.set("k", "v"))
         await asyncio.wait_for(future, TIMEOUT_S)
         assert future.done() and future.result() is None
+        assert log_rows(tmp_path / "store.db") == 1
+
+
+async def test_an_idle_store_holds_no_committed_update(tmp_path: Path) -> None:
+    """Once committed, an append's update and history are let go while the store waits for work."""
+    writer = Writer()
+    async with Store(tmp_path / "store.db") as store:
+        await store.append(CTX, 1, writer.set("big", "v" * 100_000), history=[(0, {"key": "big"})])
+
+        def appends_held() -> int:
+            gc.collect()
+            return sum(1 for o in gc.get_objects() if type(o) is store_module._Append)
+
+        await wait_until(lambda: appends_held() == 0, TIMEOUT_S)
         assert log_rows(tmp_path / "store.db") == 1
 
 
