@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pycrdt
 import structlog
@@ -75,9 +75,14 @@ RTT_WINDOW = 120
 _EMPTY_STATE_VECTOR = b"\x00"
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One visible change of an entry, as ``watch`` reports it."""
+class Change(NamedTuple):
+    """
+    One visible change of an entry, as ``watch`` reports it.
+
+    A named tuple, like :class:`~ctxsync.entries.EntryChange`: one is built per changed key of
+    every update (100,000 for a new node's join), and a frozen dataclass took 1.6 µs to build
+    against 0.5 µs.
+    """
 
     context: DocId
     key: str
@@ -934,11 +939,13 @@ class Mesh:
         limit = self.config.contexts.history_limit
         first = max(0, len(changes) - limit)  # older records of one huge version would be dropped anyway
         history: list[tuple[int, dict[str, Any]]] = []
+        subs = self._subs
         for idx, ch in enumerate(changes):
             writer = ch.writer or origin
-            change = Change(ctx.doc_id, ch.key, ch.value, writer, ctx.version, ch.previous, ch.t)
-            for sub in self._subs:
-                sub.offer(change)
+            if subs:
+                change = Change(ctx.doc_id, ch.key, ch.value, writer, ctx.version, ch.previous, ch.t)
+                for sub in subs:
+                    sub.offer(change)
             if idx >= first:
                 history.append(
                     (idx, {"t_ms": now_ms, "origin": writer, "key": ch.key, "value": ch.value,
