@@ -67,8 +67,7 @@ import json
 from array import array
 from bisect import bisect_right
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final, NamedTuple, NoReturn
 
 from .errors import RemoteProtocolError
 
@@ -154,9 +153,13 @@ class MissingDependencies(InvalidUpdate):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateSummary:
-    """What :func:`check_update` saw in a valid update."""
+class UpdateSummary(NamedTuple):
+    """
+    What :func:`check_update` saw in a valid update.
+
+    A named tuple: one is made per update received, and a frozen dataclass took 2.5 µs of a
+    small update's ~20 µs check.
+    """
 
     clients: int
     """Number of clients whose structs the update carries."""
