@@ -158,7 +158,9 @@ class StoredWebhook:
     cursor: int
     """Last version delivered (or dead-lettered): delivery resumes after it."""
     data: dict[str, Any]
-    """``{"url", "prefix", "secret"}``."""
+    """``{"url", "prefix", "secret"}``; empty if the row could not be unsealed (see ``error``)."""
+    error: str | None = None
+    """Why the row's data could not be read (damaged, or sealed with another key); None if it could."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -736,14 +738,26 @@ class Store:
         await self._submit(_Op(self._future(), "write", lambda conn: conn.execute(sql, row)))
 
     async def list_webhooks(self) -> list[StoredWebhook]:
-        """Every webhook, oldest first. Raises StoreCorrupt, StoreError."""
+        """
+        Every webhook, oldest first.
+
+        A row whose data cannot be unsealed is listed too, with empty ``data`` and the reason in
+        ``error``, so that one damaged row neither hides the others nor keeps them from being
+        delivered, and can still be seen and deleted.
+
+        Raises:
+            StoreError: If the table could not be read.
+        """
 
         def read(conn: sqlite3.Connection) -> list[StoredWebhook]:
             rows = conn.execute("SELECT id, doc_id, created_at_ms, cursor, data FROM webhooks ORDER BY created_at_ms, id")
-            return [
-                StoredWebhook(i, DocId(d), t, c, self._unseal_json(data, WEBHOOK_AAD + i.encode(), d, f"webhook {i}"))
-                for i, d, t, c, data in rows.fetchall()
-            ]
+            out = []
+            for i, d, t, c, data in rows.fetchall():
+                try:
+                    out.append(StoredWebhook(i, DocId(d), t, c, self._unseal_json(data, WEBHOOK_AAD + i.encode(), d, f"webhook {i}")))
+                except StoreCorrupt as exc:
+                    out.append(StoredWebhook(i, DocId(d), t, c, {}, error=str(exc)))
+            return out
 
         return await self._call(read)
 
@@ -781,17 +795,29 @@ class Store:
         await self._submit(_Op(self._future(), "write", write))
 
     async def list_webhook_failures(self, webhook_id: str | None = None) -> list[tuple[int, str, int, dict[str, Any]]]:
-        """The dead-letter list, oldest first: ``(seq, webhook_id, failed_at_ms, failure)``. Raises StoreError."""
+        """
+        The dead-letter list, oldest first: ``(seq, webhook_id, failed_at_ms, failure)``.
+
+        A failure whose data cannot be unsealed is listed as ``{"error": "unreadable: <why>"}``
+        rather than failing the whole list.
+
+        Raises:
+            StoreError: If the table could not be read.
+        """
 
         def read(conn: sqlite3.Connection) -> list[tuple[int, str, int, dict[str, Any]]]:
             where, args = ("WHERE webhook_id = ?", (webhook_id,)) if webhook_id is not None else ("", ())
             rows = conn.execute(
                 f"SELECT seq, webhook_id, failed_at_ms, data FROM webhook_failures {where} ORDER BY seq", args
             ).fetchall()
-            return [
-                (seq, w, t, self._unseal_json(data, FAILURE_AAD + w.encode(), w, f"webhook failure {seq}"))
-                for seq, w, t, data in rows
-            ]
+            out: list[tuple[int, str, int, dict[str, Any]]] = []
+            for seq, w, t, data in rows:
+                try:
+                    failure = self._unseal_json(data, FAILURE_AAD + w.encode(), w, f"webhook failure {seq}")
+                except StoreCorrupt as exc:
+                    failure = {"error": f"unreadable: {exc}"}
+                out.append((seq, w, t, failure))
+            return out
 
         return await self._call(read)
 

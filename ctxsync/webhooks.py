@@ -347,8 +347,8 @@ class _Webhook:
         self.task: asyncio.Task[None] | None = None
         self.attempts = 0
         """Failed attempts of the batch being delivered."""
-        self.last_error: str | None = None
-        """Why the last attempt of the batch being delivered failed."""
+        self.last_error: str | None = stored.error
+        """Why the last attempt of the batch being delivered failed (or why the stored webhook cannot be read)."""
         self.retry_at_ms: int | None = None
         """When the next attempt is due (Unix ms), while waiting to retry."""
 
@@ -612,6 +612,9 @@ class WebhookDispatcher:
             if s.id in self._hooks:  # added while loading
                 continue
             hook = _Webhook(s)
+            if s.error is not None:
+                log.error("webhook.unreadable", webhook_id=s.id, doc_id=s.doc_id, error=s.error)
+                continue
             try:
                 hook.check()
             except EntryError as exc:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -607,3 +608,32 @@ def test_retry_delay_uses_capped_equal_jitter() -> None:
     assert retry_delay(10_000, backoff_s=1.0, max_backoff_s=300.0, rand=lambda: 0.5) == 225.0
     with pytest.raises(ValueError):
         retry_delay(0, backoff_s=1.0, max_backoff_s=10.0)
+
+
+async def test_an_unreadable_webhook_is_skipped_shown_and_removable(env: Env) -> None:
+    """One webhook row that cannot be unsealed neither stops the others nor hides itself."""
+    d = await env.started()
+    broken = await d.add(CTX, env.hook_url())
+    good = await d.add(CTX, env.hook_url(), prefix="g")
+    await d.stop()
+    await env.store.__aexit__(None, None, None)
+    with sqlite3.connect(env.path) as conn:
+        conn.execute("UPDATE webhooks SET data = ? WHERE id = ?", (b"\x00damaged", broken["id"]))
+        conn.execute("INSERT INTO webhook_failures (webhook_id, failed_at_ms, data) VALUES (?, 1, ?)", (good["id"], b"\x00"))
+    conn.close()
+
+    await env.open_store()
+    with capture_logs() as logs:
+        d2 = await env.started()
+        await env.write(d2, {"g1": "1"})
+        await wait_cursor(d2, good["id"], 1)
+    assert [keys(r) for r in env.receiver.delivered()] == [["g1"]]
+    unreadable = [e for e in logs if e["event"] == "webhook.unreadable"]
+    assert [e["webhook_id"] for e in unreadable] == [broken["id"]]
+    listed = {h["id"]: h for h in await d2.list()}
+    assert set(listed) == {broken["id"], good["id"]}
+    assert "cannot unseal" in listed[broken["id"]]["last_error"] and listed[good["id"]]["last_error"] is None
+    (failure,) = await d2.failures(good["id"])
+    assert failure["error"].startswith("unreadable: ")
+    assert await d2.remove(broken["id"]) is True
+    assert [h["id"] for h in await d2.list()] == [good["id"]]
