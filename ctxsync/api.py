@@ -453,6 +453,9 @@ class Api:
                 whole = await store.read_history(doc_id, since=last - 1, limit=store.history_limit + 1)
                 kept = [r for r in whole.records if r.version == last]
             records = kept
+        floor = self.mesh.unstored_from(doc_id)
+        if floor is not None:  # a version is waiting for its commit: stop before it (see there)
+            records = [r for r in records if r.version < floor]
         ctx = self.mesh.contexts.get(doc_id)
         version = ctx.version if ctx else 0
         truncated = since + 1 < page.history_from and since < version

@@ -291,6 +291,7 @@ class Daemon:
                 cfg.webhooks,
                 self.node_id,
                 current_version=lambda d: c.version if (c := mesh.contexts.get(d)) else 0,
+                unstored_from=mesh.unstored_from,
             )
             mesh.on_durable.append(webhooks.notify)
             await webhooks.start()

@@ -867,6 +867,16 @@ class Mesh:
             self._durable(p)
         return len(pending)
 
+    def unstored_from(self, doc_id: DocId) -> int | None:
+        """
+        The lowest version of ``doc_id`` whose commit failed and that is kept for a retry; None if none.
+
+        Readers of the history (``changes``, webhooks) must not move a cursor past it: the store
+        may already hold later versions, and once this one is stored it would land behind the
+        cursor, never read.
+        """
+        return min((p.version for p in self._unpersisted if p.doc_id == doc_id), default=None)
+
     async def flush_unpersisted(self) -> bool:
         """Try once to store what a failing store refused (at shutdown); return whether all is stored."""
         if not self._unpersisted:

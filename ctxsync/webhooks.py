@@ -373,6 +373,9 @@ class WebhookDispatcher:
         node_id: This node's id, sent in every body as ``node_id``.
         current_version: Returns a context's current version (0 for a context that does not
             exist yet). A new webhook starts there: it gets only the changes made after it.
+        unstored_from: Returns the lowest version of a context whose commit failed and that is
+            kept for a retry (``Mesh.unstored_from``), or None. Delivery stops before it: later
+            versions may be stored already, and a cursor past it would never deliver it.
     """
 
     def __init__(
@@ -382,11 +385,13 @@ class WebhookDispatcher:
         node_id: str,
         *,
         current_version: Callable[[DocId], int],
+        unstored_from: Callable[[DocId], int | None] = lambda doc_id: None,
     ) -> None:
         self._store = store
         self._config = config
         self._node_id = node_id
         self._current_version = current_version
+        self._unstored_from = unstored_from
         self._hooks: dict[str, _Webhook] = {}
         self._running = False
         self._loader: asyncio.Task[None] | None = None
@@ -707,9 +712,17 @@ class WebhookDispatcher:
                 )
                 records = [r for r in full.records if r.version == last]
                 split = True
+        floor = self._unstored_from(hook.doc_id)
+        if floor is not None:
+            records = [r for r in records if r.version < floor]
         to_version = records[-1].version if records else cursor
         if truncated:
             to_version = max(to_version, page.history_from - 1)
+            if floor is not None:
+                to_version = max(cursor, min(to_version, floor - 1))
+        if not records and to_version <= cursor:
+            return None  # waiting for the store to commit the version after the cursor
+        if truncated:
             log.warning(
                 "webhook.truncated",
                 webhook_id=hook.id,

@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -145,6 +145,11 @@ class Context:
 
     def append_nowait(self, store: Store, items: dict[str, str | None]) -> asyncio.Future[None]:
         """Write one version: ``{key: JSON text, or None to delete}``."""
+        version, update, history = self.make_version(items)
+        return store.append_nowait(self.doc_id, version, update, history=history)
+
+    def make_version(self, items: dict[str, str | None]) -> tuple[int, bytes, list[tuple[int, dict[str, Any]]]]:
+        """Make the next version without storing it: ``(version, update, history)``."""
         history: list[tuple[int, dict[str, Any]]] = []
         now_ms = time.time_ns() // 1_000_000
         with self.doc.transaction():
@@ -158,7 +163,7 @@ class Context:
                           "hlc": format_hlc(now_ms, idx)}  # fmt: skip
                 history.append((idx, record))
         self.version += 1
-        return store.append_nowait(self.doc_id, self.version, self.updates[-1], history=history)
+        return self.version, self.updates[-1], history
 
     async def write(self, store: Store, items: dict[str, str | None]) -> None:
         await self.append_nowait(store, items)
@@ -178,12 +183,13 @@ class Env:
         self.store = await self.stack.enter_async_context(Store(self.path, **kwargs))
         return self.store
 
-    def dispatcher(self, **config: Any) -> WebhookDispatcher:
+    def dispatcher(self, unstored_from: Callable[[DocId], int | None] = lambda doc_id: None, **config: Any) -> WebhookDispatcher:
         d = WebhookDispatcher(
             self.store,
             WebhooksConfig(**{**FAST, **config}),
             NODE,
             current_version=lambda doc_id: self.ctx.version if doc_id == self.ctx.doc_id else 0,
+            unstored_from=unstored_from,
         )
         self.stack.push_async_callback(d.stop)
         return d
@@ -637,3 +643,25 @@ async def test_an_unreadable_webhook_is_skipped_shown_and_removable(env: Env) ->
     assert failure["error"].startswith("unreadable: ")
     assert await d2.remove(broken["id"]) is True
     assert [h["id"] for h in await d2.list()] == [good["id"]]
+
+
+async def test_delivery_waits_for_a_version_whose_commit_failed(env: Env) -> None:
+    """A version kept for a retry holds the cursor back, though a later one is stored: it is delivered, in order."""
+    retained: list[int] = []
+    d = env.dispatcher(unstored_from=lambda doc_id: min(retained, default=None))
+    await d.start()
+    hook = await d.add(CTX, env.hook_url())
+    await env.write(d, {"v1": "1"})
+    await wait_cursor(d, hook["id"], 1)
+    v2, update2, history2 = env.ctx.make_version({"v2": "2"})  # its commit "failed": kept, not stored
+    retained.append(v2)
+    await env.ctx.write(env.store, {"v3": "3"})  # stored
+    assert await d._plan(d._hooks[hook["id"]]) is None  # nothing to send until version 2 is stored
+    await env.store.append(CTX, v2, update2, history=history2)  # the retry succeeds
+    retained.clear()
+    d.notify(CTX, 3)
+    await wait_cursor(d, hook["id"], 3)
+    assert [(r.json()["from_version"], r.json()["to_version"], keys(r)) for r in env.receiver.delivered()] == [
+        (1, 1, ["v1"]),
+        (2, 3, ["v2", "v3"]),
+    ]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from ctxsync import SyncClient
+from ctxsync.errors import ApiError
 from tests.integration.nodes import Node, wait_for
 
 pytestmark = pytest.mark.integration
@@ -86,3 +90,36 @@ def test_full_disk_refuses_writes_then_recovers(tmp_path: Path, small_disk: Path
         assert a.get("ctx", key) == value, key
     assert a.get("ctx", "after") == "recovered"
     assert a.get("ctx", "from-bob") == "still syncing"
+
+
+def test_changes_cursor_waits_for_a_version_whose_commit_failed(make_node: Callable[..., Node]) -> None:
+    """A version that failed to commit, stored on retry after a later one, is not skipped by `changes`."""
+    a, b = make_node("alice"), make_node("bob")
+    a.pair(b)
+    a.start()
+    b.start()
+    wait_for(lambda: a.connected_to(b))
+    with SyncClient.for_home(a.home) as ca, SyncClient.for_home(b.home) as cb:
+        ca.set("ctx", "k1", "1")  # alice's version 1
+        blocker = sqlite3.connect(a.home / "store.db", isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # alice's commits now fail (database is locked)
+            with pytest.raises(ApiError, match="store"):
+                ca.set("ctx", "k2", "2")  # version 2: applied, not acknowledged, kept for a retry
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        # Bob's write becomes alice's version 3 and is stored at once, usually before version 2's
+        # retry (half a second later): the history then has 1 and 3, and 2 comes later.
+        cb.set("ctx", "k3", "3")
+        seen: list[str] = []
+        since = 0
+        deadline = time.monotonic() + 30
+        while len(seen) < 3:  # bounded by the deadline
+            assert time.monotonic() < deadline, f"keys seen {seen}"
+            page = ca.changes("ctx", since)
+            seen += [ch["key"] for ch in page["changes"]]
+            since = page["next"]
+            time.sleep(0.02)
+    assert seen == ["k1", "k2", "k3"]
+    assert any(e["event"] == "store.append_failed" for e in a.events())
