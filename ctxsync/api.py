@@ -41,7 +41,7 @@ from ctxsync.alerts import AlertRule
 from ctxsync.entries import Entry
 from ctxsync.errors import CtxSyncError, EntryError, NotFound, StoreError
 from ctxsync.entries import STRATEGIES, Strategy
-from ctxsync.mesh import Change, Mesh
+from ctxsync.mesh import Change, Mesh, _Subscription
 from ctxsync.recovery import Recovery, snapshot_json
 from ctxsync.store import HistoryRecord
 from ctxsync.types import NodeId
@@ -163,6 +163,8 @@ class Api:
         self.invite = invite
         self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
         self.alert_rules = alert_rules
+        self._watches: dict[tuple[ServerConnection, str], _Subscription] = {}
+        """The running watches: (connection, JSON of the watch request's id) -> its subscription."""
 
     async def listen(self, host: str, port: int) -> Server:
         """Start listening on ``host:port``. Raises OSError if the address is taken."""
@@ -395,7 +397,11 @@ class Api:
         if isinstance(batch_ms, bool) or not isinstance(batch_ms, int) or not 0 <= batch_ms <= 60_000:
             raise _BadRequest("batch_ms must be an integer number of milliseconds from 0 to 60000")
         prefix = _str(req, "prefix", "")
+        key = (conn, json.dumps(req_id))
+        if key in self._watches:
+            raise _BadRequest(f"a watch with id {json.dumps(req_id)} is already running on this connection")
         sub = self.mesh.subscribe(DocId(ctx) if ctx else None, prefix, glob=glob)
+        self._watches[key] = sub
         try:
             await conn.send(self._ok(req_id, {"watching": ctx, "prefix": prefix, "glob": glob, "batch_ms": batch_ms}))
             while True:
@@ -421,7 +427,18 @@ class Api:
                     await conn.send(json.dumps({"id": req_id, "event": "overflow" if sub.overflowed else "end"}))
                     return
         finally:
+            if self._watches.get(key) is sub:
+                del self._watches[key]
             self.mesh.unsubscribe(sub)
+
+    async def _op_unwatch(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
+        """End the watch this connection started with request id ``watch``: it sends what is queued, then its ``end`` event."""
+        watch_id = req.get("watch")
+        sub = self._watches.pop((conn, json.dumps(watch_id)), None)
+        if sub is None:
+            raise NotFound(f"no watch with id {json.dumps(watch_id)} is running on this connection")
+        sub.end()
+        return self._ok(req_id, {"unwatched": watch_id})
 
     # -- history, changes, conflicts, strategy -------------------------------------------------
 

@@ -345,9 +345,9 @@ class Client:
             on_ready: Called once the daemon has confirmed the subscription: no change made
                 after that call is missed.
 
-        Closing the iterator (``break``, ``aclose()``, cancelling the task) stops it here, but the
-        daemon goes on sending that subscription's changes, dropped on arrival, until the
-        connection closes: give a watch that should end early a client of its own.
+        Closing the iterator (``break``, ``aclose()``, cancelling the task) stops it here and
+        sends ``unwatch``, so the daemon ends the subscription; changes already on their way are
+        dropped on arrival.
 
         Raises:
             ApiError: ``code="overflow"`` if the watcher fell more than 10,000 changes behind.
@@ -388,15 +388,19 @@ class Client:
         rid, fut = await self._send("watch", fields)
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._streams[rid] = q
+        running = False  # the daemon's side of the watch, as far as this client knows
         try:
             self._result(await fut)
+            running = True
             if on_ready is not None:
                 on_ready()
             while True:
                 msg = await q.get()
                 if msg is None or msg.get("event") == "end":
+                    running = False
                     return
                 if msg.get("event") == "overflow":
+                    running = False
                     raise ApiError("watch fell behind and was dropped by the daemon", code="overflow")
                 if msg.get("event") == "changes":
                     yield list(msg.get("changes", []))
@@ -406,6 +410,10 @@ class Client:
                 yield [msg]
         finally:
             self._streams.pop(rid, None)
+            if running:  # closed early: tell the daemon (no wait for its answer; _send does not block)
+                with contextlib.suppress(ApiError):
+                    _, done = await self._send("unwatch", {"watch": rid})
+                    done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     # -- history, changes, conflicts ---------------------------------------------------
 

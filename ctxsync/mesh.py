@@ -176,9 +176,20 @@ class _Subscription:
         self.glob = glob
         self.queue: asyncio.Queue[Change | None] = asyncio.Queue(maxsize)
         self.overflowed = False
+        self.ended = False
+
+    def end(self) -> None:
+        """Stop offering changes; the reader gets what is queued, then None (with ``overflowed`` false)."""
+        if self.ended or self.overflowed:
+            return
+        self.ended = True
+        if self.queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+        self.queue.put_nowait(None)
 
     def offer(self, change: Change) -> None:
-        if self.overflowed:
+        if self.overflowed or self.ended:
             return
         if self.context is not None and change.context != self.context:
             return

@@ -254,6 +254,31 @@ async def test_watch_batches(client: Client) -> None:
     assert {c["version"] for c in got[0]} == {1}
 
 
+async def test_closing_a_watch_ends_it_on_the_daemon(client: Client) -> None:
+    """Leaving a watch early sends `unwatch`: the daemon ends that subscription, and the connection goes on."""
+    ready = asyncio.Event()
+    changes = client.watch("unwatched", on_ready=ready.set)
+    task = await watch_until(changes, lambda items: len(items) == 1, ready)
+    (watch_id,) = client._streams  # the watch's request id on this connection
+    await client.set("unwatched", "k", "1")
+    assert [c["key"] for c in await asyncio.wait_for(task, T)] == ["k"]
+    # The client's own unwatch went first on this connection, so this one finds nothing to end.
+    with pytest.raises(NotFound, match="no watch"):
+        await client.request("unwatch", watch=watch_id)
+    assert await client.set("unwatched", "k", "2") > 0  # the connection is still in use
+
+
+async def test_unwatch_ends_the_stream_with_end(client: Client) -> None:
+    """`unwatch` by request id: the watch's stream ends with its `end` event; an unknown id is not_found."""
+    ready = asyncio.Event()
+    task = await watch_until(client.watch("unwatched-2", on_ready=ready.set), lambda items: False, ready)
+    (watch_id,) = client._streams
+    assert await client.request("unwatch", watch=watch_id) == {"unwatched": watch_id}
+    assert await asyncio.wait_for(task, T) == []  # the iterator ended: the daemon sent `end`
+    with pytest.raises(NotFound):
+        await client.request("unwatch", watch=987654)
+
+
 async def test_history_has_origin_and_previous(client: Client, alice: Node) -> None:
     """history lists a key's changes oldest first, with origin, previous value and deletion."""
     await client.set("hist", "k", "1")
