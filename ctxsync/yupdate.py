@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from array import array
 from bisect import bisect_right
 from collections.abc import Mapping
@@ -173,10 +174,25 @@ class UpdateSummary(NamedTuple):
     """Map keys (parent subs) of the items parented directly, by name, to the entries root."""
     size_bytes: int
     """Size of the update in bytes."""
+    state_vector: dict[int, int]
+    """The update's own state vector: client id -> the clock after its last struct (every
+    client whose structs it carries; not the clients only named in its delete set). Once the
+    update is applied to a document that was missing none of its dependencies, that document's
+    state vector holds at least these clocks."""
 
 
 def _fail(reason: str, offset: int | None) -> NoReturn:
     raise InvalidUpdate(reason, offset=offset)
+
+
+_LONG_VARUINT: Final = re.compile(rb"[\x80-\xff]{2,9}[\x00-\x7f]")
+"""A varuint of 3 to 10 bytes: client ids (53-bit random numbers, 8 bytes) are the usual ones."""
+_LONG_VALUES: dict[bytes, int] = {}
+"""Decoded long varuints by their bytes (valid ones only). The same few client ids are read in
+every update and state vector, and a Python loop over 8 bytes took 1.8 µs; a decoded state vector
+of 10 clients took 36 µs per update received. Bounded: cleared when it reaches
+:data:`_LONG_VALUES_MAX` entries."""
+_LONG_VALUES_MAX: Final = 4096
 
 
 def _varuint(data: bytes, pos: int, what: str) -> tuple[int, int]:
@@ -186,6 +202,24 @@ def _varuint(data: bytes, pos: int, what: str) -> tuple[int, int]:
         b = data[pos]
         if b < 0x80:
             return b, pos + 1
+        if pos + 1 < n and data[pos + 1] < 0x80:
+            return (b & 0x7F) | data[pos + 1] << 7, pos + 2
+    match = _LONG_VARUINT.match(data, pos)
+    if match is not None:
+        known = _LONG_VALUES.get(match.group())
+        if known is not None:
+            return known, match.end()
+    value, end = _varuint_loop(data, pos, what)
+    if match is not None:
+        if len(_LONG_VALUES) >= _LONG_VALUES_MAX:
+            _LONG_VALUES.clear()
+        _LONG_VALUES[match.group()] = value
+    return value, end
+
+
+def _varuint_loop(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """:func:`_varuint` without the cache: byte by byte, with the exact error."""
+    n = len(data)
     start = pos
     value = 0
     shift = 0
@@ -595,9 +629,9 @@ def check_update(
                     for _ in range(length):
                         pos = _skip_any(data, pos, max_depth, max_string_bytes)
                 elif ref == _STRING:
-                    start = pos
-                    pos = _skip_string(data, pos, "string content", max_string_bytes)
-                    length = _utf16_length(data, start, pos)
+                    end = _skip_string(data, pos, "string content", max_string_bytes)
+                    length = _utf16_length(data, end - _length(data, pos, "string content", None)[0], end)
+                    pos = end
                 elif ref == _DELETED:
                     length, pos = _u32(data, pos, "deleted length")
                 elif ref == _TYPE:
@@ -677,12 +711,17 @@ def check_update(
         roots=frozenset(roots),
         entry_keys=frozenset(entry_keys),
         size_bytes=n,
+        state_vector={client: end for client, (_, end) in covers.items()},
     )
 
 
 def decode_state_vector(state: bytes) -> dict[int, int]:
     """
     Decode an encoded Yjs state vector, as ``Doc.get_state()`` returns it.
+
+    Linear in the number of clients (about 1 µs each; client ids come from a cache, see
+    :data:`_LONG_VALUES`), which grows for as long as a context lives: callers that check every
+    update received should keep a bound instead of decoding each time (``Context.known_state``).
 
     Args:
         state: ``varuint count``, then ``count x (varuint client, varuint clock)``.

@@ -239,7 +239,7 @@ def test_accepts_every_real_update(name: str) -> None:
 
 def test_accepts_empty_update() -> None:
     """Accepts the empty update and summarises it as empty."""
-    assert check_update(b"\x00\x00") == UpdateSummary(0, 0, 0, frozenset(), frozenset(), 2)
+    assert check_update(b"\x00\x00") == UpdateSummary(0, 0, 0, frozenset(), frozenset(), 2, {})
     empty_doc: pycrdt.Doc[Any] = pycrdt.Doc()
     assert check_update(empty_doc.get_update()).structs == 0
 
@@ -300,7 +300,7 @@ def test_summary_counts_structs_and_delete_ranges() -> None:
         + varuint(1)
         + b"\x00\x02"
     )
-    assert check_update(u) == UpdateSummary(1, 3, 3, frozenset({"m"}), frozenset(), len(u))
+    assert check_update(u) == UpdateSummary(1, 3, 3, frozenset({"m"}), frozenset(), len(u), {5: 5})
 
 
 # -- refuses malformed updates --------------------------------------------------------------
@@ -583,6 +583,64 @@ def test_state_vector_decoding() -> None:
     for bad in (b"", b"\x01", b"\x01\x05", b"\x00\x00", b"\xff\xff\xff\x0f"):
         with pytest.raises(InvalidUpdate):
             decode_state_vector(bad)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_state_vector_client_ids_decode_the_same_every_time(clients: list[int]) -> None:
+    """Long varuints (client ids) come from a cache after the first read: same value every time."""
+    clients = list(dict.fromkeys(clients))
+    encoded = varuint(len(clients)) + b"".join(varuint(c) + varuint(i) for i, c in enumerate(clients))
+    expected = {c: i for i, c in enumerate(clients)}
+    assert decode_state_vector(encoded) == expected
+    assert decode_state_vector(encoded) == expected  # the cached path
+
+
+def test_cached_varuints_still_refuse_what_is_too_long() -> None:
+    """A valid 10-byte number in the cache does not make a longer run or a 65-bit value valid."""
+    biggest = varuint(2**64 - 1)
+    assert len(biggest) == 10
+    assert decode_state_vector(b"\x01" + biggest + b"\x00") == {2**64 - 1: 0}
+    assert decode_state_vector(b"\x01" + biggest + b"\x00") == {2**64 - 1: 0}
+    too_big = biggest[:-1] + b"\x02"  # the same bytes but a 65th bit
+    with pytest.raises(InvalidUpdate, match="over 64 bits"):
+        decode_state_vector(b"\x01" + too_big + b"\x00")
+    eleven = biggest[:-1] + b"\x81\x01"
+    with pytest.raises(InvalidUpdate, match="longer than 10 bytes"):
+        decode_state_vector(b"\x01" + eleven + b"\x00")
+    with pytest.raises(InvalidUpdate, match="truncated"):
+        decode_state_vector(b"\x01" + biggest[:-1])
+
+
+def test_summary_state_vector_is_the_update_s_own() -> None:
+    """``state_vector``: each client of the update and the clock after its last struct."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2**40)
+    text = doc.get("t", type=pycrdt.Text)
+    text.insert(0, "ab")
+    before = doc.get_state()
+    text.insert(2, "c😀")
+    after = decode_state_vector(doc.get_state())
+    assert after[2**40] > decode_state_vector(before)[2**40]
+    assert check_update(doc.get_update()).state_vector == after
+    assert check_update(doc.get_update(before)).state_vector == after
+    assert check_update(b"\x00\x00").state_vector == {}
+
+
+def test_string_item_covers_its_utf16_length_not_its_length_prefix() -> None:
+    """
+    A String item of "ab" covers clocks 0 and 1 only. The walk used to count the string's length
+    prefix as a character, so it took a deletion of clock 2 (which the receiver lacks) as covered
+    by the update itself, and let yrs keep the update pending.
+    """
+    ab = root_item(4, "t", varstring("ab"), None)
+    assert check_update(update(5, 0, [ab])).state_vector == {5: 2}
+    deletes_clock_2 = update(5, 0, [ab], varuint(1) + varuint(5) + varuint(1) + varuint(2) + varuint(1))
+    with pytest.raises(MissingDependencies, match="clock 2 of client 5"):
+        check_update(deletes_clock_2, state={})
+    deletes_clock_1 = update(5, 0, [ab], varuint(1) + varuint(5) + varuint(1) + varuint(1) + varuint(1))
+    check_update(deletes_clock_1, state={})
+    emoji = root_item(4, "t", varstring("a😀"), None)  # 5 UTF-8 bytes, 3 UTF-16 units
+    assert check_update(update(5, 0, [emoji])).state_vector == {5: 3}
 
 
 def test_ready_updates_pass_with_state() -> None:
