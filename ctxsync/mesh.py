@@ -63,7 +63,7 @@ from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
 from ctxsync.store import LEGACY_LINEAGE, Store
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
-from ctxsync.yupdate import InvalidUpdate, MissingDependencies, check_update, decode_state_vector
+from ctxsync.yupdate import InvalidUpdate, MissingDependencies, UpdateSummary, check_update, decode_state_vector
 
 log = structlog.get_logger("ctxsync.mesh")
 
@@ -127,6 +127,16 @@ class Context:
         """Local writes waiting for the next group transaction (see :meth:`Mesh.write`)."""
         self.write_task: asyncio.Task[None] | None = None
         """The task committing queued writes, while there is one."""
+        self.known_state: dict[int, int] | None = None
+        """A lower bound of the document's state vector (client id -> next clock), or None.
+
+        Decoding ``doc.get_state()`` for every update received costs time linear in the clients
+        the context has ever had, one per node and restart and per Yjs client, which grow for as
+        long as the context lives (measured 46 µs at 50 clients, 440 µs at 300). Updates are
+        checked against this bound first; it is set to the exact state when that check finds
+        dependencies missing, and raised by every checked remote update applied. It never
+        exceeds the true state: clocks only grow, a rebuilt context starts without one, and a
+        checked update is integrated whole (what :func:`check_update`'s ``state`` is for)."""
         self._captured: list[bytes] = []
         self._sub = self.doc.observe(self._on_transaction)
         self.entries = EntryMap(self.doc, node_id, clock)
@@ -157,6 +167,29 @@ class Context:
         self._captured.clear()
         self.entries.pop_changes()
         self.entries.pop_new_conflicts()  # conflicts already there were reported when they appeared
+
+
+def _check_ready(ctx: Context | None, update: bytes, max_bytes: int) -> UpdateSummary:
+    """
+    :func:`check_update` an update for ``ctx`` (``None``: a context this node does not have yet)
+    against what it holds: first against ``ctx.known_state``, a lower bound (if that passes,
+    the true state passes too), then, only if that finds dependencies missing, against the exact
+    state decoded from the document, which becomes the new bound.
+
+    Raises:
+        InvalidUpdate: The update is malformed or misuses the entries root.
+        MissingDependencies: It builds on structs the document does not have.
+    """
+    if ctx is None:
+        return check_update(update, entries_root=ENTRIES_ROOT, max_bytes=max_bytes, state={})
+    known = ctx.known_state
+    if known is not None:
+        try:
+            return check_update(update, entries_root=ENTRIES_ROOT, max_bytes=max_bytes, state=known)
+        except MissingDependencies:
+            pass  # perhaps only missing from the bound (this node's own writes raise no bound)
+    ctx.known_state = exact = decode_state_vector(ctx.doc.get_state())
+    return check_update(update, entries_root=ENTRIES_ROOT, max_bytes=max_bytes, state=exact)
 
 
 @dataclass(frozen=True, slots=True)
@@ -755,9 +788,8 @@ class Mesh:
         if ctx is not None and ctx.rebuilding:
             return Ingested(new, missing=False)  # the rebuild's resync brings them again
         for u in updates:
-            state = decode_state_vector(ctx.doc.get_state()) if ctx is not None else {}
             try:
-                check_update(u, entries_root=ENTRIES_ROOT, max_bytes=limit, state=state)
+                summary = _check_ready(ctx, u, limit)
             except MissingDependencies:
                 return Ingested(new, missing=True)
             except InvalidUpdate as exc:
@@ -765,16 +797,17 @@ class Mesh:
             if ctx is None:
                 ctx = self._context(doc_id, create=True)  # only now: a refused update creates nothing
             try:
-                update = self._apply_checked(ctx, u, origin)
+                update = self._apply_checked(ctx, u, origin, summary)
             except _ApplyFailed as exc:
                 raise RemoteProtocolError(f"update refused for {doc_id}: {exc}") from None
             if update is not None:
                 new.append(update)
         return Ingested(new, missing=False)
 
-    def _apply_checked(self, ctx: Context, update: bytes, origin: str) -> bytes | None:
+    def _apply_checked(self, ctx: Context, update: bytes, origin: str, summary: UpdateSummary) -> bytes | None:
         """
-        Apply one update that passed :func:`check_update`, in its own transaction tagged ``origin``.
+        Apply one update that passed :func:`check_update` (``summary``: what it found) against the
+        context's state, in its own transaction tagged ``origin``; raise ``ctx.known_state`` by it.
 
         Returns:
             The transaction's own update (what was new here), or None if nothing changed.
@@ -788,9 +821,15 @@ class Mesh:
                 ctx.doc.apply_update(update)
         except BaseException as exc:
             _reraise_fatal(exc)
+            ctx.known_state = None
             ctx.take_update()
             self._rebuild(ctx, f"{type(exc).__name__}: {exc}")
             raise _ApplyFailed(f"{type(exc).__name__}: {exc}") from None
+        known = ctx.known_state
+        if known is not None:
+            for client, end in summary.state_vector.items():
+                if known.get(client, 0) < end:
+                    known[client] = end
         return ctx.take_update()
 
     def _rebuild(self, ctx: Context, reason: str) -> None:
@@ -1264,15 +1303,14 @@ class Mesh:
         ctx = self._context(doc_id, create=True)
         if ctx.rebuilding:
             raise ContextRebuilding(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
-        state = decode_state_vector(ctx.doc.get_state())
         try:
-            check_update(update, entries_root=ENTRIES_ROOT, max_bytes=self.config.sync.max_message_bytes, state=state)
+            summary = _check_ready(ctx, update, self.config.sync.max_message_bytes)
         except MissingDependencies:
             raise UpdateNotReady("the update builds on changes this node does not have; sync step 1 first") from None
         except InvalidUpdate as exc:
             raise EntryError(f"update refused: {exc.reason}") from None
         try:
-            new = self._apply_checked(ctx, update, "yjs")
+            new = self._apply_checked(ctx, update, "yjs", summary)
         except _ApplyFailed as exc:
             raise EntryError(f"update refused: {exc}") from None
         if new is None:

@@ -15,6 +15,7 @@ from ctxsync.mesh import Mesh, backoff, is_retryable
 from ctxsync.errors import EntryError, HandshakeRejected, NotFound, PeerUnreachable
 from ctxsync.store import Store
 from ctxsync.types import DocId, NodeId
+from ctxsync.yupdate import decode_state_vector
 from tests.helpers import MS, channel_pair, wait_until
 
 T = 5000 * MS
@@ -301,3 +302,51 @@ async def test_writes_during_a_store_commit_share_the_next_round(make: Callable[
     assert stored is not None and stored.version == 3
     for t in tasks:
         t.cancel()
+
+
+async def test_ingest_checks_against_a_state_bound_and_falls_back_to_the_exact_state(make: Callable[[str], Node]) -> None:
+    """
+    Remote updates are checked against ``Context.known_state`` (a lower bound, raised by each one
+    applied) instead of decoding the document's state vector each time; an update that builds on
+    this node's own later writes (absent from the bound) is still applied, and one that really
+    misses something is still held back.
+    """
+    import pycrdt
+
+    from ctxsync.entries import Clock, EntryMap
+
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    doc = DocId("ctx")
+    await a.write(doc, [("k", '"a1"')])
+    ctx = a.contexts[doc]
+    # b's replica of the context, written through the same entry model.
+    replica: pycrdt.Doc[object] = pycrdt.Doc()
+    replica.apply_update(ctx.doc.get_update())
+    entries = EntryMap(replica, nb.node_id, Clock())
+    sent: list[bytes] = []
+    replica.observe(lambda event: sent.append(event.update))
+
+    entries.set("k", '"b1"')  # replaces a's slot: deletes it, so the update needs a's clocks
+    assert a.ingest(nb.node_id, doc, [sent[-1]]).missing is False
+    assert value(a, "ctx", "k") == '"b1"'
+    bound = ctx.known_state
+    assert bound is not None
+    assert bound[replica.client_id] == decode_state_vector(replica.get_state())[replica.client_id]
+
+    for i in range(3):  # a writes after the bound was taken; b's next write builds on it
+        await a.write(doc, [("k", f'"a{i + 2}"')])
+        replica.apply_update(ctx.doc.get_update(replica.get_state()))
+        entries.set("k", f'"b{i + 2}"')
+        assert a.ingest(nb.node_id, doc, [sent[-1]]).missing is False
+        assert value(a, "ctx", "k") == f'"b{i + 2}"'
+    assert ctx.known_state == decode_state_vector(ctx.doc.get_state())  # bound raised, never past the truth
+
+    # An update whose predecessor never arrived is held back, bound or not.
+    entries.set("x", "1")
+    skipped = sent[-1]
+    entries.set("x", "2")
+    assert a.ingest(nb.node_id, doc, [sent[-1]]).missing is True
+    assert a.ingest(nb.node_id, doc, [skipped, sent[-1]]).missing is False
+    assert value(a, "ctx", "x") == "2"
+    entries.close()
