@@ -250,6 +250,7 @@ def machine_text(m: dict[str, Any], markdown: bool) -> str:
         ("load average (1/5/15 min) before / after", f"{m['load_before']} / {m.get('load_after', '-')}"),
         ("mode", m.get("mode", "")),
         ("extra environment of the ctxsync processes", m.get("daemon_env", "-")),
+        ("ctxsync bytecode", m.get("bytecode", "not recorded (runs before it was compiled first)")),
     ]
     if markdown:
         return "\n".join(f"- {k}: {v}" for k, v in items)
