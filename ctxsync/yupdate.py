@@ -404,6 +404,37 @@ def _skip_any(data: bytes, pos: int, max_depth: int, max_len: int | None) -> int
             objects.pop()
 
 
+def _flat_string_object(data: bytes, pos: int, max_len: int | None) -> int | None:
+    """
+    Where Any content of one object of short ASCII string keys and values (an entry slot such as
+    ``{"v": "1", "t": "..."}``) starting at ``pos`` ends; ``None`` if the content is anything
+    else, or malformed (the full walk then reads it and says what is wrong).
+
+    The same bytes :func:`_skip_any` accepts, about four times faster: every length is one byte,
+    and one ``isascii()`` over the whole content checks that (a byte of 0x80 or more would be a
+    longer length, or UTF-8 to validate) and the strings' encoding at once.
+    """
+    try:
+        if data[pos] != 1 or data[pos + 1] != _ANY_OBJECT:
+            return None
+        count = data[pos + 2]
+        end = pos + 3
+        longest = 0
+        for _ in range(count):
+            key_size = data[end]
+            end += key_size + 1
+            if data[end] != _ANY_STRING:
+                return None
+            value_size = data[end + 1]
+            end += value_size + 2
+            longest = max(longest, key_size, value_size)
+    except IndexError:
+        return None
+    if end > len(data) or (max_len is not None and longest > max_len) or not data[pos:end].isascii():
+        return None
+    return end
+
+
 def _skip_varint(data: bytes, pos: int) -> int:
     """Skip a lib0 signed varint (sign in bit 6 of the first byte) of at most 63 magnitude bits."""
     n = len(data)
@@ -528,6 +559,11 @@ def check_update(
         if ref_client not in needs or needs[ref_client][0] <= ref_clock:
             needs[ref_client] = (ref_clock + 1, at)
 
+    entries_seen = False
+    root_name = entries_root.encode("utf-8", "surrogatepass")
+    root_prefix = bytes([len(root_name)]) + root_name if len(root_name) < 0x80 else b"\x80"  # never matches
+    if max_string_bytes is not None and len(root_name) > max_string_bytes:
+        root_prefix = b"\x80"  # let the full walk refuse it
     n_clients, pos = _count(data, 0, "number of clients", 3)
     for _ in range(n_clients):
         client_at = pos
@@ -594,9 +630,13 @@ def check_update(
                     parent_at = pos
                     parent_info, pos = _varuint(data, pos, "parent info")
                     if parent_info == 1:
-                        root, pos = _string(data, pos, "root type name", max_string_bytes)
-                        roots.add(root)
-                        parent_is_entries = root == entries_root
+                        if data[pos : pos + len(root_prefix)] == root_prefix:  # the usual root, not decoded again
+                            pos += len(root_prefix)
+                            parent_is_entries = entries_seen = True
+                        else:
+                            root, pos = _string(data, pos, "root type name", max_string_bytes)
+                            roots.add(root)
+                            parent_is_entries = root == entries_root
                     elif parent_info == 0:
                         parent_client, pos = _varuint(data, pos, "parent client")
                         parent_clock, pos = _u32(data, pos, "parent clock")
@@ -625,9 +665,13 @@ def check_update(
                     )
                 content_at = pos
                 if ref == _ANY:
-                    length, pos = _count(data, pos, "Any content length", 1)
-                    for _ in range(length):
-                        pos = _skip_any(data, pos, max_depth, max_string_bytes)
+                    end = _flat_string_object(data, pos, max_string_bytes) if max_depth else None
+                    if end is not None:  # one object of short ASCII strings: what an entry slot is
+                        length, pos = 1, end
+                    else:
+                        length, pos = _count(data, pos, "Any content length", 1)
+                        for _ in range(length):
+                            pos = _skip_any(data, pos, max_depth, max_string_bytes)
                 elif ref == _STRING:
                     end = _skip_string(data, pos, "string content", max_string_bytes)
                     length = _utf16_length(data, end - _length(data, pos, "string content", None)[0], end)
@@ -704,6 +748,8 @@ def check_update(
                     f"the receiver and the update have clocks up to {known}",
                     offset=at,
                 )
+    if entries_seen:
+        roots.add(entries_root)
     return UpdateSummary(
         clients=n_clients,
         structs=total_structs,

@@ -643,6 +643,64 @@ def test_string_item_covers_its_utf16_length_not_its_length_prefix() -> None:
     assert check_update(update(5, 0, [emoji])).state_vector == {5: 3}
 
 
+_ASCII_PART = st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=4)
+_OBJECT_PARTS = st.one_of(
+    _ASCII_PART,
+    _ASCII_PART,
+    _ASCII_PART,
+    st.text(max_size=3), st.text(alphabet="abc", min_size=126, max_size=130), st.sampled_from(["\x7f", "é", "😀"])
+)
+
+
+@given(
+    st.lists(st.tuples(_OBJECT_PARTS, st.one_of(_OBJECT_PARTS, st.sampled_from([b"\x78", b"\x7d\x05"]))), max_size=4),
+    st.sampled_from([None, None, 0, 3, 200]),
+    st.sampled_from([0, 0, 0, 0, 1, 2]),
+)
+@settings(max_examples=400, deadline=None)
+def test_flat_string_object_fast_path_agrees_with_the_full_walk(
+    fields: list[tuple[str, str | bytes]], max_len: int | None, cut: int
+) -> None:
+    """The fast path for entry slots accepts exactly what the full walk accepts, ending at the same byte."""
+    from ctxsync.yupdate import _flat_string_object, _skip_any
+
+    body = b"".join(
+        varstring(k) + (b"\x77" + varstring(v) if isinstance(v, str) else v) for k, v in fields
+    )
+    content = b"\x01\x76" + varuint(len(fields)) + body
+    data = b"\x00" + content[: len(content) - cut]
+    fast = _flat_string_object(data, 1, max_len)
+    try:
+        full: int | None = _skip_any(data, 2, 64, max_len) if data[1:2] == b"\x01" else None
+    except InvalidUpdate:
+        full = None
+    if fast is not None:
+        event("fast path")
+        assert fast == full
+    else:
+        event("full walk")
+
+
+def test_flat_string_object_fast_path_cases() -> None:
+    """The entry-slot fast path takes short ASCII string objects only, and leaves the rest to the full walk."""
+    from ctxsync.yupdate import _flat_string_object
+
+    slot = b"\x01\x76\x02" + varstring("v") + b"\x77" + varstring("1") + varstring("t") + b"\x77" + varstring("x" * 20)
+    assert _flat_string_object(slot + b"rest", 0, None) == len(slot)
+    assert _flat_string_object(b"\x01\x76\x00", 0, None) == 3
+    assert _flat_string_object(slot, 0, 19) is None  # a string over max_len: the full walk refuses it
+    assert _flat_string_object(slot[:-1], 0, None) is None  # truncated
+    not_fast = [
+        b"\x01\x76\x01" + varstring("v") + b"\x78" + varstring("t") + b"\x77\x00",  # true, not a string
+        b"\x01\x76\x01" + varstring("v") + b"\x77" + varstring("é"),  # not ASCII
+        b"\x01\x76\x01" + varstring("v") + b"\x77" + varstring("x" * 200),  # two-byte length
+        b"\x01\x75\x01\x77\x00",  # an array
+        b"\x02\x76\x00\x76\x00",  # two values
+    ]
+    for content in not_fast:
+        assert _flat_string_object(content, 0, None) is None, content
+
+
 def test_ready_updates_pass_with_state() -> None:
     """Every update of a recorded history is ready against the state it was made from."""
     for name in ("entries", "text", "nested", "xml", "map_values"):
