@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import functools
+import gc
 import math
 import random
 import secrets
@@ -161,12 +162,37 @@ class Context:
 
     def load(self, updates: list[bytes]) -> None:
         """Apply stored updates (checkpoint first) at startup; nothing is relayed."""
-        with self.doc.transaction(origin="store"):
+        with _gc_paused(sum(map(len, updates))), self.doc.transaction(origin="store"):
             for u in updates:
                 self.doc.apply_update(u)
         self._captured.clear()
         self.entries.pop_changes()
         self.entries.pop_new_conflicts()  # conflicts already there were reported when they appeared
+
+
+GC_PAUSE_BYTES = 256 * 1024
+"""Updates at least this large (bytes) are applied with Python's cyclic garbage collector paused."""
+
+
+@contextlib.contextmanager
+def _gc_paused(size: int) -> Iterator[None]:
+    """
+    Pause the cyclic garbage collector while a large update (``size`` bytes) is applied.
+
+    Applying one allocates a few objects per entry it holds (pycrdt's event, the index's slots
+    and changes); each allocation of 700 containers starts a collection, and the older
+    generations are walked again and again while the heap grows: measured 0.2-0.4 s of a
+    100,000-key join's 1.4 s. None of those objects form cycles (reference counting frees
+    them), and collection resumes when the update is in.
+    """
+    if size < GC_PAUSE_BYTES or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _check_ready(ctx: Context | None, update: bytes, max_bytes: int) -> UpdateSummary:
@@ -817,7 +843,7 @@ class Mesh:
                 half-updated, is being rebuilt from the store.
         """
         try:
-            with ctx.doc.transaction(origin=origin):
+            with _gc_paused(len(update)), ctx.doc.transaction(origin=origin):
                 ctx.doc.apply_update(update)
         except BaseException as exc:
             _reraise_fatal(exc)

@@ -350,3 +350,27 @@ async def test_ingest_checks_against_a_state_bound_and_falls_back_to_the_exact_s
     assert a.ingest(nb.node_id, doc, [skipped, sent[-1]]).missing is False
     assert value(a, "ctx", "x") == "2"
     entries.close()
+
+
+def test_gc_is_paused_only_while_a_large_update_is_applied() -> None:
+    """The collector is off inside the block for a large update, back on after it (even on error), untouched for small ones."""
+    import gc
+
+    from ctxsync.mesh import GC_PAUSE_BYTES, _gc_paused
+
+    assert gc.isenabled()
+    with _gc_paused(GC_PAUSE_BYTES - 1):
+        assert gc.isenabled()
+    with _gc_paused(GC_PAUSE_BYTES):
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _gc_paused(GC_PAUSE_BYTES):
+        raise RuntimeError("apply failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _gc_paused(GC_PAUSE_BYTES):
+            pass
+        assert not gc.isenabled()  # whoever turned it off turns it on
+    finally:
+        gc.enable()
