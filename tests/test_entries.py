@@ -671,3 +671,27 @@ def test_a_writer_id_is_held_once_however_many_slots_it_wrote() -> None:
         writers = [entries.get(f"k{i}").writer for i in range(3)]  # type: ignore[union-attr]
         assert writers == [B] * 3
         assert writers[0] is writers[1] is writers[2]
+
+
+def test_joining_update_moves_the_clock_past_its_newest_acceptable_timestamp() -> None:
+    """
+    New keys arriving in one update are indexed at once; the clock ends past the newest of their
+    timestamps, and one too far ahead (refused by the clock) does not keep it from the others.
+    """
+    wall = Wall(1_000_000)
+    source: Doc[Any] = Doc()
+    raw = source.get(ENTRIES_ROOT, type=Map)
+    near = [format_hlc(1_000_000 + i, 0) for i in range(50)]
+    far = format_hlc(1_000_000 + 86_400_001, 0)
+    with source.transaction():
+        for i, t in enumerate(near):
+            raw[slot_key(f"k{i}", NodeId("p"))] = {"v": str(i), "t": t}
+        raw[slot_key("far", NodeId("p"))] = {"v": "1", "t": far}
+    doc: Doc[Any] = Doc()
+    clock = Clock(wall)
+    entries = EntryMap(doc, NodeId("r"), clock)
+    doc.apply_update(source.get_update())
+    assert len(entries) == 51
+    assert clock.latest == max(near)
+    assert {c.key for c in entries.pop_changes()} == {f"k{i}" for i in range(50)} | {"far"}
+    entries.close()
