@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import itertools
 import signal
 import time
 import sys
@@ -53,6 +54,10 @@ LOOP_LAG_WINDOW = 20
 """Loop lag probes kept; ``loop_lag_ms`` is the largest of them (the last 10 s)."""
 RATE_WINDOW = 20
 """Monitor ticks over which updates per second are averaged (10 s)."""
+DISCOVERY_RETRY_MIN_S = 2.0
+"""Seconds before mDNS discovery is started again after it failed to start (then doubling)."""
+DISCOVERY_RETRY_MAX_S = 300.0
+"""Longest wait between two attempts to start mDNS discovery, in seconds."""
 GC_YOUNG_THRESHOLD = 10_000
 """Net container allocations between two young-generation collections (CPython's default: 700).
 
@@ -189,20 +194,37 @@ class Daemon:
         return frozenset(names)
 
     async def _discover(self) -> None:
-        """Announce this node and look up paired peers by mDNS; a failure only turns discovery off."""
+        """
+        Announce this node and look up paired peers by mDNS, for as long as the daemon runs.
+
+        If mDNS cannot start (no interface with multicast yet, as when the daemon starts before
+        the network is up; a socket error; another responder announcing this node id), the
+        attempt is logged (``discovery.failed``, then ``discovery.retry``) and made again after
+        :data:`DISCOVERY_RETRY_MIN_S`, doubling up to :data:`DISCOVERY_RETRY_MAX_S` (with
+        jitter). Static peer addresses work meanwhile. A setting that can never work (a listen
+        host that is a name, not an address) turns discovery off at once.
+        """
         from ctxsync.discovery import Discovery, DiscoveryError  # zeroconf costs ~3.6 MiB: only when enabled
+        from ctxsync.mesh import backoff
 
         assert self.mesh is not None
         host = self.config.listen[0]
         interfaces = None if host in ("0.0.0.0", "::", "") else [host]
-        try:
-            self.discovery = Discovery(self.node_id, self._sync_port, on_found=self.mesh.on_discovered, interfaces=interfaces)
-            await self.discovery.start()
-        except DiscoveryError:
-            self.discovery = None  # the module logged discovery.failed; static addresses still work
-        except (ValueError, OSError) as exc:  # could not even be set up (e.g. a listen host that is a name)
-            self.discovery = None
-            log.warning("discovery.failed", error=str(exc))
+        delays = backoff(DISCOVERY_RETRY_MIN_S, DISCOVERY_RETRY_MAX_S)
+        for attempt in itertools.count(1):
+            try:
+                discovery = Discovery(self.node_id, self._sync_port, on_found=self.mesh.on_discovered, interfaces=interfaces)
+                await discovery.start()
+            except DiscoveryError:  # the module logged discovery.failed; static addresses still work
+                delay = next(delays)
+                log.info("discovery.retry", attempt=attempt, retry_in_s=round(delay, 1))
+                await asyncio.sleep(delay)
+                continue
+            except (ValueError, OSError) as exc:  # could not even be set up (e.g. a listen host that is a name)
+                log.warning("discovery.failed", error=str(exc), retrying=False)
+                return
+            self.discovery = discovery
+            return
 
     async def _monitor(self) -> None:
         # Event loop lag: how late a timer fires. A busy loop (a large catch-up applied on it)

@@ -294,6 +294,32 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10, check=False)
 
 
+def test_discovery_starts_once_multicast_comes_up(tmp_path: Path, netns: str) -> None:
+    """
+    A daemon started before its network can carry mDNS (lo with multicast off) runs on, and
+    starts discovery by itself once multicast is on: it retries instead of giving up for good.
+    """
+    for step in (["route", "del", "224.0.0.0/4", "dev", "lo"], ["link", "set", "lo", "multicast", "off"]):
+        r = subprocess.run(["ip", "-n", netns, *step], capture_output=True, text=True, timeout=10, check=False)
+        assert r.returncode == 0, r.stderr
+    a = Node(tmp_path, "a", netns=netns, env={"CTXSYNC_DISCOVERY": "on"})
+    try:
+        a.init()
+        a.start()
+        wait_for(lambda: a.events("discovery.retry"), timeout=30)
+        failed = a.events("discovery.failed")
+        assert failed and "multicast off" in failed[0]["error"]
+        assert not a.events("discovery.started")
+        a.cli("set", "notes", "k", "1")  # the daemon works meanwhile
+        for step in (["link", "set", "lo", "multicast", "on"], ["route", "add", "224.0.0.0/4", "dev", "lo"]):
+            r = subprocess.run(["ip", "-n", netns, *step], capture_output=True, text=True, timeout=10, check=False)
+            assert r.returncode == 0, r.stderr
+        wait_for(lambda: a.events("discovery.started"), timeout=30)
+        assert a.get("notes", "k") == 1
+    finally:
+        a.kill()
+
+
 def test_discovery_finds_paired_peer_without_address(tmp_path: Path, netns: str) -> None:
     """Two paired daemons with no address for each other find and connect by mDNS (inside a netns)."""
     from ctxsync import config
