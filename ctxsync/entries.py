@@ -24,6 +24,7 @@ This module is pure: it imports no asyncio, websockets, sqlite3, psutil or struc
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -391,6 +392,8 @@ class EntryMap:
         self._new_conflicts: dict[str, None] = {}
         self._indexed_own: dict[str, dict[str, Any]] = {}
         """Own slots written and indexed in the open transaction: slot name -> the raw value set."""
+        self._exclusive = False
+        """True inside :meth:`transaction`: every change to the map is this object's, indexed already."""
         self._closed = False
         self._meta: pycrdt.Map[Any] = doc.get(META_ROOT, type=pycrdt.Map)
         self._strategy = Strategy.parse(self._meta.get("strategy"))
@@ -426,6 +429,38 @@ class EntryMap:
 
     # -- writes -------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def transaction(self, origin: object = None) -> Iterator[None]:
+        """
+        Open a document transaction (tagged ``origin``) for writes made through this object only.
+
+        Inside it, change the document only with this object's methods: they index each write at
+        once, so the map observer skips the transaction's event instead of converting every
+        changed slot to Python to find them indexed already (about 3 µs per write). A remote
+        update applied inside it would go unindexed. Nested in another transaction, it is that
+        transaction, and the observer does its usual work.
+
+        Raises:
+            RuntimeError: From pycrdt, if a transaction with another origin is open.
+        """
+        if self._exclusive or self._doc._txn is not None:  # nested: the outer one decides
+            with self._doc.transaction(origin=origin):
+                yield
+            return
+        self._exclusive = True
+        try:
+            with self._doc.transaction(origin=origin):  # its observers run as it exits: still exclusive
+                yield
+        finally:
+            self._exclusive = False
+            self._indexed_own = {}
+
+    def _open(self) -> contextlib.AbstractContextManager[object]:
+        """:meth:`transaction`, or (cheaper) the enclosing transaction when there is one."""
+        if self._doc._txn is not None:
+            return self._doc.transaction()
+        return self.transaction()
+
     def set(self, key: str, value_json: str) -> None:
         """
         Write an entry, replacing every slot of ``key`` this node can see, in one transaction.
@@ -443,7 +478,7 @@ class EntryMap:
         if not isinstance(value_json, str):
             raise EntryError(f"value must be JSON text, not {type(value_json).__name__}")
         self._check_open()
-        with self._doc.transaction():
+        with self._open():
             self._write(key, value_json)
 
     def delete(self, key: str) -> bool:
@@ -462,7 +497,7 @@ class EntryMap:
         self._check_open()
         if not self._is_live(key):
             return False
-        with self._doc.transaction():
+        with self._open():
             self._write(key, None)
         return True
 
@@ -488,7 +523,7 @@ class EntryMap:
                 raise EntryError(f"value must be JSON text or None, not {type(value_json).__name__}")
         self._check_open()
         written = 0
-        with self._doc.transaction():
+        with self._open():
             for key, value_json in batch:
                 if value_json is None and not self._is_live(key):
                     continue
@@ -516,7 +551,11 @@ class EntryMap:
         """Write this node's ``slot`` of ``key`` to the map; the caller indexes it at once, so the observer skips it."""
         name = slot_key(key, slot.writer)
         raw = {"v": slot.value, "t": slot.t} if slot.value is not None else {"t": slot.t, "deleted": True}
-        self._map[name] = raw
+        # pycrdt's ``self._map[name] = raw`` without its wrapper (a nested transaction and
+        # type checks for shared types and subdocuments, which slots never are): half the cost.
+        txn = self._doc._txn
+        assert txn is not None and txn._txn is not None, "must run inside a transaction"
+        self._map.integrated.insert(txn._txn, name, raw)
         self._indexed_own[name] = raw
 
     def take_reasserts(self) -> dict[str, Slot]:
@@ -541,7 +580,7 @@ class EntryMap:
         self._check_open()
         node = self._node_id
         restored = 0
-        with self._doc.transaction():
+        with self._open():
             for key, own in slots.items():
                 current = self._slot_of(key, node)
                 if current is None or current.t >= own.t:
@@ -597,6 +636,8 @@ class EntryMap:
         An exception here is handed to pycrdt the way its own observer wrapper does, so the
         transaction still commits whole and ``with doc.transaction()`` raises it afterwards.
         """
+        if self._exclusive:
+            return  # only this object's writes, indexed as they were made (see transaction())
         try:
             self._index_changes(event.keys)
         except Exception as exc:

@@ -747,7 +747,7 @@ class Mesh:
 
     def _restore_own(self, ctx: Context, slots: dict[str, Slot]) -> None:
         """Put back this node's newer writes that an older write of its own, lost here in a crash, displaced."""
-        with ctx.doc.transaction(origin="local"):
+        with ctx.entries.transaction(origin="local"):
             restored = ctx.entries.restore_own(slots)
         update = ctx.take_update()
         if update is None:
@@ -1170,7 +1170,7 @@ class Mesh:
                 if not w.future.done():
                     w.future.set_exception(StoreError(refusal))
             return None
-        with ctx.doc.transaction(origin="local"):
+        with ctx.entries.transaction(origin="local"):
             for w in batch:
                 try:
                     w.changed = ctx.entries.set_many(w.items)  # checks everything before it writes
@@ -1365,7 +1365,7 @@ class Mesh:
             raise StoreError(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
         if ctx.entries.strategy == strategy:
             return ctx.version
-        with ctx.doc.transaction(origin="local"):
+        with ctx.entries.transaction(origin="local"):
             ctx.entries.set_strategy(strategy)
         update = ctx.take_update()
         if update is None:

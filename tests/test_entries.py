@@ -695,3 +695,61 @@ def test_joining_update_moves_the_clock_past_its_newest_acceptable_timestamp() -
     assert clock.latest == max(near)
     assert {c.key for c in entries.pop_changes()} == {f"k{i}" for i in range(50)} | {"far"}
     entries.close()
+
+
+_group = st.tuples(
+    st.integers(0, 2),  # node
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.one_of(st.none(), st.integers(0, 9).map(str))), max_size=4),
+    st.booleans(),  # sync everyone afterwards
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_group, max_size=12))
+def test_writes_grouped_in_one_exclusive_transaction_keep_the_index_exact(
+    groups: list[tuple[int, list[tuple[str, str | None]], bool]],
+) -> None:
+    """
+    Writes grouped in ``EntryMap.transaction()`` (the observer skips its event: each write was
+    indexed as it was made), the same key written twice in one, deletions and peers' slots
+    replaced: every index still equals one rebuilt from the document.
+    """
+    nodes = [Node(A, ms=1_000), Node(B, ms=1_000), Node(C, ms=1_000)]
+    for index, items, sync_after in groups:
+        node = nodes[index]
+        node.wall.ms += 1
+        with node.entries.transaction(origin="local"):
+            for key, value in items:
+                node.entries.set_many([(key, value)])
+        rebuilt = EntryMap(node.doc, node.node_id, Clock())
+        assert state(node.entries) == state(rebuilt)
+        assert len(node.entries) == len(rebuilt)
+        rebuilt.close()
+        if sync_after:
+            sync(*nodes)
+    sync(*nodes)
+    expected = state(nodes[0].entries)
+    for node in nodes:
+        assert state(node.entries) == expected
+        assert node.entries.conflicts() == EntryMap(node.doc, node.node_id, Clock()).conflicts()
+
+
+def test_a_transaction_nested_in_another_indexes_what_else_it_holds() -> None:
+    """Inside a transaction opened elsewhere (here one that also applies a peer's update), the
+    observer indexes the event as usual: the peer's slots are not lost."""
+    a, b = Node(A), Node(B)
+    a.entries.set("from-a", "1")
+    with b.doc.transaction(origin="mixed"):
+        b.doc.apply_update(a.update_since(b.doc.get_state()))
+        with b.entries.transaction(origin="mixed"):
+            b.entries.set("from-b", "2")
+    assert {e.key for e in state(b.entries)} == {"from-a", "from-b"}
+    assert state(b.entries) == state(EntryMap(b.doc, B, Clock()))
+    with pytest.raises(RuntimeError), b.entries.transaction(origin="local"):
+        b.entries.set("k", "3")
+        raise RuntimeError("the caller failed")
+    assert b.entries.get("k") is not None  # written and committed before the error
+    a.entries.set("late", "4")  # after the error, a peer's write is indexed again
+    b.receive(a.update_since(b.doc.get_state()))
+    assert b.entries.get("late") is not None
+    assert state(b.entries) == state(EntryMap(b.doc, B, Clock()))
