@@ -171,7 +171,8 @@ class UpdateSummary(NamedTuple):
     roots: frozenset[str]
     """Names of the root types that items of the update are parented to directly (by name)."""
     entry_keys: frozenset[str]
-    """Map keys (parent subs) of the items parented directly, by name, to the entries root."""
+    """Map keys (parent subs) of the items parented directly, by name, to the entries root
+    (only with ``collect_keys``; empty otherwise)."""
     size_bytes: int
     """Size of the update in bytes."""
     state_vector: dict[int, int]
@@ -499,6 +500,7 @@ def check_update(
     max_depth: int = DEFAULT_MAX_DEPTH,
     allow_skip: bool = False,
     state: Mapping[int, int] | None = None,
+    collect_keys: bool = False,
 ) -> UpdateSummary:
     """
     Check that a Yjs v1 update is well formed and safe to apply to a context's document.
@@ -525,6 +527,9 @@ def check_update(
             receiver nor the update holds (a clock gap, an origin, a parent or a deletion beyond
             what is known) raises :class:`MissingDependencies` instead of being accepted: yrs would
             keep it pending, and its pending-update code can crash the process.
+        collect_keys: Gather the map keys of the entries root's items into the summary's
+            ``entry_keys`` (it is empty otherwise). Off by default: decoding and keeping every
+            key of a 100,000-key update took about 0.3 s of a joining node's time.
 
     Returns:
         What the update holds. Apply it to a scratch document next; this check cannot see items
@@ -647,9 +652,11 @@ def check_update(
                     else:
                         _fail(f"parent info {parent_info} is neither 0 nor 1", parent_at)
                     if info & _HAS_PARENT_SUB:
-                        sub, pos = _string(data, pos, "parent sub", max_string_bytes)
-                        if parent_is_entries:
+                        if parent_is_entries and collect_keys:
+                            sub, pos = _string(data, pos, "parent sub", max_string_bytes)
                             entry_keys.add(sub)
+                        else:
+                            pos = _skip_string(data, pos, "parent sub", max_string_bytes)
                     elif parent_is_entries:
                         _fail(f"item under root {entries_root!r} without a map key", struct_at)
                 else:

@@ -248,9 +248,10 @@ def test_accepts_big_document() -> None:
     """Accepts a 10,000-key entries map and lists every key."""
     (incremental, full) = recorded(build_big)
     for u in (incremental, full):
-        summary = check_update(u)
+        summary = check_update(u, collect_keys=True)
         assert summary.roots == {ENTRIES_ROOT}
         assert len(summary.entry_keys) == 10_000
+        assert check_update(u).entry_keys == frozenset()  # not gathered by default
         assert summary.structs == 10_000
 
 
@@ -264,22 +265,22 @@ def test_accepts_bytearray_and_memoryview() -> None:
 def test_summary_of_entries_update() -> None:
     """Summarises an entries update: root, slot keys, counts."""
     full = corpus()["entries"][-1]
-    summary = check_update(full)
+    summary = check_update(full, collect_keys=True)
     assert summary.roots == {ENTRIES_ROOT}
     assert summary.entry_keys == {"greeting\x1fnode-a", "count\x1fnode-a", "ü😀 key\x1fnode-a"}
     assert summary.clients == 1
     assert summary.delete_ranges >= 1
     # An overwrite is positioned after the slot it replaces: no parent name in its bytes.
     overwrite = corpus()["entries"][2]
-    assert check_update(overwrite).entry_keys == frozenset()
+    assert check_update(overwrite, collect_keys=True).entry_keys == frozenset()
 
 
 def test_summary_of_nested_and_merged_updates() -> None:
     """Reports the roots items are parented to by name, and every client of a merged update."""
-    nested = check_update(corpus()["nested"][-1])
+    nested = check_update(corpus()["nested"][-1], collect_keys=True)
     assert nested.roots == {"state", "arr", ENTRIES_ROOT}
     assert nested.entry_keys == {"slot\x1fnode"}
-    merged = check_update(corpus()["merged"][2])
+    merged = check_update(corpus()["merged"][2], collect_keys=True)
     assert merged.clients == 2
     assert merged.roots == {ENTRIES_ROOT, "t"}
     assert merged.entry_keys == {"k\x1fa", "k\x1fb"}
@@ -791,7 +792,7 @@ def test_accepts_plain_entry_items() -> None:
         0,
         [any_item(ENTRIES_ROOT, "a", b"\x76\x01\x01v\x77\x011"), root_item(1, ENTRIES_ROOT, b"\x02", "b")],
     )
-    assert check_update(u).entry_keys == {"a", "b"}
+    assert check_update(u, collect_keys=True).entry_keys == {"a", "b"}
 
 
 def test_refuses_shared_type_after_entry_in_same_update() -> None:
