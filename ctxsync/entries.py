@@ -815,6 +815,18 @@ class EntryMap:
             if entry is not None:
                 yield entry
 
+    @property
+    def tombstones(self) -> int:
+        """
+        How many keys are deleted, their winning slot a tombstone (O(1)).
+
+        A deletion keeps its key's slot in the document and the index (it has to beat older
+        writes that arrive later), so memory grows with every key ever written, live or not:
+        about 1.2 KiB per live key and 1.5 KiB per deleted one (set, then deleted), in yrs and the
+        index (measured at 100,000 keys, and at 100 contexts of 400 deleted keys).
+        """
+        return len(self._slots) - self._live
+
     def __len__(self) -> int:
         """Return the number of live entries, in O(1)."""
         return self._live

@@ -47,6 +47,7 @@ name                                                    type     labels; source
 ``ctxsync_store_compactions_total``                     counter  ``store.compactions``
 ``ctxsync_store_compaction_failures_total``             counter  ``store.compaction_failures``
 ``ctxsync_context_entries``                             gauge    context; ``contexts[].entries``
+``ctxsync_context_tombstones``                          gauge    context; ``contexts[].tombstones``
 ``ctxsync_context_version``                             gauge    context; ``contexts[].version``
 ``ctxsync_peer_connected``                              gauge    peer, peer_name; ``peers[].connected``
 ``ctxsync_peer_last_rtt_seconds``                       gauge    peer; ``peers[].rtt_ms``
@@ -294,12 +295,17 @@ class StatusCollector(Collector):
 
     def _contexts(self, status: Mapping[str, Any]) -> Iterator[Metric]:
         entries = _gauge("ctxsync_context_entries", "Live entries of a context.", ["context"])
+        tombstones = _gauge(
+            "ctxsync_context_tombstones", "Deleted keys of a context, kept as tombstones (they use memory).", ["context"]
+        )
         version = _gauge("ctxsync_context_version", "Local change counter of a context.", ["context"])
         for doc_id, context in _section(status, "contexts").items():
             if isinstance(context, Mapping):
                 _add(entries, [str(doc_id)], context.get("entries"))
+                _add(tombstones, [str(doc_id)], context.get("tombstones"))
                 _add(version, [str(doc_id)], context.get("version"))
         yield entries
+        yield tombstones
         yield version
 
     def _peers(self, status: Mapping[str, Any]) -> Iterator[Metric]:

@@ -1493,6 +1493,7 @@ class Mesh:
             "contexts": {
                 d: {
                     "entries": len(c.entries),
+                    "tombstones": c.entries.tombstones,
                     "version": c.version,
                     "lineage": c.lineage,
                     "strategy": c.entries.strategy.to_json(),

@@ -118,6 +118,7 @@ def log_stats(status: dict[str, Any]) -> None:
         uptime_s=proc["uptime_s"],
         contexts=len(status["contexts"]),
         entries=sum(c["entries"] for c in status["contexts"].values()),
+        tombstones=sum(c.get("tombstones", 0) for c in status["contexts"].values()),
         peers_connected=sum(1 for p in status["peers"] if p["connected"]),
         peers_configured=len(status["peers"]),
         store_bytes=status["store"]["size_bytes"],

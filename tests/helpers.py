@@ -260,7 +260,7 @@ def sample_status() -> dict[str, Any]:
         "name": "alice",
         "version": "0.1.0",
         "listen": "127.0.0.1:47101",
-        "contexts": {"tasks": {"entries": 2, "version": 4}, "notes": {"entries": 0, "version": 1}},
+        "contexts": {"tasks": {"entries": 2, "tombstones": 1, "version": 4}, "notes": {"entries": 0, "version": 1}},
         "peers": [
             {
                 "node_id": SAMPLE_BOB,

@@ -753,3 +753,23 @@ def test_a_transaction_nested_in_another_indexes_what_else_it_holds() -> None:
     b.receive(a.update_since(b.doc.get_state()))
     assert b.entries.get("late") is not None
     assert state(b.entries) == state(EntryMap(b.doc, B, Clock()))
+
+
+def test_tombstones_count_deleted_keys_whoever_deleted_them() -> None:
+    """``tombstones``: keys whose winning slot is a deletion, local or remote; a later write revives one."""
+    a, b = Node(A), Node(B)
+    for key in ("x", "y", "z"):
+        a.entries.set(key, "1")
+    assert (len(a.entries), a.entries.tombstones) == (3, 0)
+    a.entries.delete("x")
+    a.entries.delete("y")
+    assert (len(a.entries), a.entries.tombstones) == (1, 2)
+    sync(a, b)
+    assert (len(b.entries), b.entries.tombstones) == (1, 2)
+    b.wall.ms += 10
+    b.entries.set("x", "2")  # a later write beats the tombstone
+    b.entries.delete("z")
+    sync(a, b)
+    for node in (a, b):
+        assert (len(node.entries), node.entries.tombstones) == (1, 2)
+        assert EntryMap(node.doc, node.node_id, Clock()).tombstones == 2  # a rebuilt index agrees

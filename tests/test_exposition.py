@@ -72,6 +72,8 @@ def test_node_process_and_store_values() -> None:
     assert got[key("ctxsync_store_compactions_total")] == 1
     assert got[key("ctxsync_store_compaction_failures_total")] == 0
     assert got[key("ctxsync_context_entries", context="tasks")] == 2
+    assert got[key("ctxsync_context_tombstones", context="tasks")] == 1
+    assert key("ctxsync_context_tombstones", context="notes") not in got  # unknown: no sample
     assert got[key("ctxsync_context_version", context="notes")] == 1
 
 

@@ -175,6 +175,8 @@ def test_json_logs_and_status(make_node: MakeNode) -> None:
     b.start()
     wait_for(lambda: a.connected_to(b))
     a.cli("set", "ctx", "k", "1")
+    a.cli("set", "ctx", "gone", "1")
+    a.cli("del", "ctx", "gone")
     wait_for(lambda: any(e["peers_connected"] == 1 for e in a.events("node.stats")) and len(a.events("peer.stats")) >= 1)
     for ev in a.events():
         assert {"event", "timestamp", "level", "node_id"} <= set(ev), ev
@@ -184,6 +186,8 @@ def test_json_logs_and_status(make_node: MakeNode) -> None:
     assert connected["peer_id"] == b.node_id and connected["peer_name"] == "bob"
     node_stats = [e for e in a.events("node.stats") if e["peers_connected"] == 1][-1]
     assert node_stats["rss_bytes"] > 1_000_000 and "cpu_percent" in node_stats
+    wait_for(lambda: a.events("node.stats")[-1]["tombstones"] == 1)
+    assert a.status()["contexts"]["ctx"]["entries"] == 1 and a.status()["contexts"]["ctx"]["tombstones"] == 1
     wait_for(lambda: any(e["rtt_ms"] is not None for e in a.events("peer.stats")), timeout=30)
     st = a.status()
     assert st["node_id"] == a.node_id and st["process"]["rss_bytes"] > 0
