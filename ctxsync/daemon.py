@@ -198,11 +198,13 @@ class Daemon:
         Announce this node and look up paired peers by mDNS, for as long as the daemon runs.
 
         If mDNS cannot start (no interface with multicast yet, as when the daemon starts before
-        the network is up; a socket error; another responder announcing this node id), the
-        attempt is logged (``discovery.failed``, then ``discovery.retry``) and made again after
-        :data:`DISCOVERY_RETRY_MIN_S`, doubling up to :data:`DISCOVERY_RETRY_MAX_S` (with
-        jitter). Static peer addresses work meanwhile. A setting that can never work (a listen
-        host that is a name, not an address) turns discovery off at once.
+        the network is up; a socket error; another responder announcing this node id), it is
+        tried again after :data:`DISCOVERY_RETRY_MIN_S`, doubling up to
+        :data:`DISCOVERY_RETRY_MAX_S` (with jitter). The first failure is logged at ERROR
+        (``discovery.failed``), each retry at INFO (``discovery.retry``, with the error), so a
+        machine that never has multicast gets one error line, not one every five minutes.
+        Static peer addresses work meanwhile. A setting that can never work (a listen host that
+        is a name, not an address) turns discovery off at once.
         """
         from ctxsync.discovery import Discovery, DiscoveryError  # zeroconf costs ~3.6 MiB: only when enabled
         from ctxsync.mesh import backoff
@@ -214,10 +216,10 @@ class Daemon:
         for attempt in itertools.count(1):
             try:
                 discovery = Discovery(self.node_id, self._sync_port, on_found=self.mesh.on_discovered, interfaces=interfaces)
-                await discovery.start()
-            except DiscoveryError:  # the module logged discovery.failed; static addresses still work
+                await discovery.start(quiet=attempt > 1)
+            except DiscoveryError as exc:  # the module logged discovery.failed; static addresses still work
                 delay = next(delays)
-                log.info("discovery.retry", attempt=attempt, retry_in_s=round(delay, 1))
+                log.info("discovery.retry", attempt=attempt, retry_in_s=round(delay, 1), error=str(exc))
                 await asyncio.sleep(delay)
                 continue
             except (ValueError, OSError) as exc:  # could not even be set up (e.g. a listen host that is a name)

@@ -315,6 +315,7 @@ class Discovery:
         self._again: set[str] = set()
         self._started = False
         self._closed = False
+        self._quiet = False
 
     # -- public API -----------------------------------------------------------------------
 
@@ -326,9 +327,12 @@ class Discovery:
         """
         return {node_id: list(addrs) for node_id, addrs in self._found.items()}
 
-    async def start(self) -> None:
+    async def start(self, *, quiet: bool = False) -> None:
         """
         Open the mDNS sockets, start browsing, and register this node's service.
+
+        ``quiet``: log a failure (``discovery.failed``, ``discovery.interface_unusable``) at
+        DEBUG instead of ERROR and WARNING, for a caller that retries and has said so once.
 
         Returns once the instance name is probed (RFC 6762 section 8.1, about 1.2 s) and the
         first announcement is sent; two more follow in the background.
@@ -343,13 +347,14 @@ class Discovery:
         if self._started:
             raise InvalidState("Discovery.start() may be called once")
         self._started = True
+        self._quiet = quiet
         try:
             async with asyncio.timeout(self._start_timeout):
                 await self._start()
         except Exception as exc:
             await self._close()
             error = exc if isinstance(exc, DiscoveryError) else DiscoveryError(self._describe(exc))
-            log.error("discovery.failed", error=str(error))
+            (log.debug if quiet else log.error)("discovery.failed", error=str(error))
             if error is exc:
                 raise
             raise error from exc
@@ -396,7 +401,7 @@ class Discovery:
         # multicast that never hear anything, and leaks its listen socket when it raises.
         usable, problems = scan_interfaces(self._interfaces)
         for problem in problems:
-            log.warning("discovery.interface_unusable", reason=problem)
+            (log.debug if self._quiet else log.warning)("discovery.interface_unusable", reason=problem)
         if not usable:
             reasons = "; ".join(problems) or "no interface has an IPv4 address"
             raise DiscoveryError(f"no interface is up with multicast on for mDNS: {reasons}")
