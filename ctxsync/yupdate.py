@@ -565,10 +565,15 @@ def check_update(
             needs[ref_client] = (ref_clock + 1, at)
 
     entries_seen = False
-    root_name = entries_root.encode("utf-8", "surrogatepass")
-    root_prefix = bytes([len(root_name)]) + root_name if len(root_name) < 0x80 else b"\x80"  # never matches
+    # The entries root's name as a varstring with a one-byte length, compared as bytes; empty
+    # (the fast comparison off) when that cannot be, or when the full walk must refuse the name.
+    try:
+        root_name = entries_root.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: never valid in an update
+        root_name = b"\x80" * 0x80
+    root_prefix = bytes([len(root_name)]) + root_name if len(root_name) < 0x80 else b""
     if max_string_bytes is not None and len(root_name) > max_string_bytes:
-        root_prefix = b"\x80"  # let the full walk refuse it
+        root_prefix = b""
     n_clients, pos = _count(data, 0, "number of clients", 3)
     for _ in range(n_clients):
         client_at = pos
@@ -635,7 +640,7 @@ def check_update(
                     parent_at = pos
                     parent_info, pos = _varuint(data, pos, "parent info")
                     if parent_info == 1:
-                        if data[pos : pos + len(root_prefix)] == root_prefix:  # the usual root, not decoded again
+                        if root_prefix and data[pos : pos + len(root_prefix)] == root_prefix:  # not decoded again
                             pos += len(root_prefix)
                             parent_is_entries = entries_seen = True
                         else:

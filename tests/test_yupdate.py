@@ -702,6 +702,17 @@ def test_flat_string_object_fast_path_cases() -> None:
         assert _flat_string_object(content, 0, None) is None, content
 
 
+@pytest.mark.parametrize("entries_root", ["z" * 200, "entries", "é" * 70, "bad\udc80"])
+def test_entries_root_comparison_never_takes_another_root_for_it(entries_root: str) -> None:
+    """The bytes comparison of the entries root's name is off for names it cannot match exactly
+    (128 bytes or more): a root whose name's length starts with the same byte is not taken for it."""
+    long_root = "y" * 128  # its length is the two-byte varuint 0x80 0x01
+    u = update(5, 0, [any_item(long_root, "k", TRUE), any_item("entries", "k\x1fa", b"\x76\x01\x01v\x77\x011")])
+    summary = check_update(u, entries_root=entries_root, collect_keys=True)
+    assert summary.roots == {long_root, "entries"}
+    assert summary.entry_keys == ({"k\x1fa"} if entries_root == "entries" else frozenset())
+
+
 def test_ready_updates_pass_with_state() -> None:
     """Every update of a recorded history is ready against the state it was made from."""
     for name in ("entries", "text", "nested", "xml", "map_values"):
