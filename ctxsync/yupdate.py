@@ -38,7 +38,9 @@ applies):
 
 Also refused, as pycrdt never writes them and yrs would silently wrap or misread them: type refs
 other than 0-4 and 6 (7 weak link, 9 subdocument type, 15 undefined), numbers yrs reads as 32-bit
-(clocks, lengths, counts) above ``2**32 - 1``, a client's clock running past ``2**32 - 1``, empty
+(clocks, lengths, counts) above ``2**32 - 1``, client ids of ``2**53`` or more (yrs keeps their
+low 53 bits, so two ids this walk tells apart could be one client to pycrdt), a client's clock
+running past ``2**32 - 1``, empty
 GC/Skip structs and delete ranges, a client listed twice in the structs or in the delete set, a
 parent info other than 0 or 1, and an item whose origin, right origin or parent is an item of its
 own client that is not older than itself (impossible in a real history; two such updates crash
@@ -85,6 +87,8 @@ DEFAULT_MAX_DEPTH: Final = 64
 
 _U32_MAX: Final = 0xFFFF_FFFF
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+_CLIENT_MAX: Final = 2**53 - 1
+"""Largest client id accepted: yrs keeps the low 53 bits of one."""
 _I64_MAX: Final = 0x7FFF_FFFF_FFFF_FFFF
 _CHUNK: Final = 65536
 """Strings longer than this many bytes are validated in chunks of this size."""
@@ -237,6 +241,19 @@ def _varuint_loop(data: bytes, pos: int, what: str) -> tuple[int, int]:
         shift += 7
         if shift >= 70:
             _fail(f"varuint longer than 10 bytes ({what})", start)
+
+
+def _client(data: bytes, pos: int, what: str) -> tuple[int, int]:
+    """
+    Read a client id: a varuint below 2**53. yrs keeps only the low 53 bits of a client id (as
+    yjs's are JavaScript-safe integers), so ids X and X + 2**53 would be two clients to this
+    walk and one to pycrdt: an update could then pass the readiness check and still be left
+    pending, or report clocks it does not bring.
+    """
+    value, end = _varuint(data, pos, what)
+    if value > _CLIENT_MAX:
+        _fail(f"{what} {value} is 2**53 or more (yrs keeps 53 bits)", pos)
+    return value, end
 
 
 def _u32(data: bytes, pos: int, what: str) -> tuple[int, int]:
@@ -578,7 +595,7 @@ def check_update(
     for _ in range(n_clients):
         client_at = pos
         n_structs, pos = _count(data, pos, "number of structs", 2)
-        client, pos = _varuint(data, pos, "client id")
+        client, pos = _client(data, pos, "client id")
         if client in seen_clients:
             _fail(f"client {client} listed twice", client_at)
         seen_clients.add(client)
@@ -621,7 +638,7 @@ def check_update(
                 origin: tuple[int, int] | None = None
                 right_origin: tuple[int, int] | None = None
                 if info & _HAS_ORIGIN:
-                    origin_client, pos = _varuint(data, pos, "origin client")
+                    origin_client, pos = _client(data, pos, "origin client")
                     origin_clock, pos = _u32(data, pos, "origin clock")
                     if origin_client == client and origin_clock >= clock:
                         _fail("item's origin is not older than the item", struct_at)
@@ -629,7 +646,7 @@ def check_update(
                         need(origin_client, origin_clock, struct_at)
                     origin = (origin_client, origin_clock)
                 if info & _HAS_RIGHT_ORIGIN:
-                    right_client, pos = _varuint(data, pos, "right origin client")
+                    right_client, pos = _client(data, pos, "right origin client")
                     right_clock, pos = _u32(data, pos, "right origin clock")
                     if right_client == client and right_clock >= clock:
                         _fail("item's right origin is not older than the item", struct_at)
@@ -648,7 +665,7 @@ def check_update(
                             roots.add(root)
                             parent_is_entries = root == entries_root
                     elif parent_info == 0:
-                        parent_client, pos = _varuint(data, pos, "parent client")
+                        parent_client, pos = _client(data, pos, "parent client")
                         parent_clock, pos = _u32(data, pos, "parent clock")
                         if parent_client == client and parent_clock >= clock:
                             _fail("item's parent is not older than the item", struct_at)
@@ -730,7 +747,7 @@ def check_update(
     seen_clients.clear()
     for _ in range(ds_clients):
         client_at = pos
-        client, pos = _varuint(data, pos, "delete set client")
+        client, pos = _client(data, pos, "delete set client")
         if client in seen_clients:
             _fail(f"client {client} listed twice in the delete set", client_at)
         seen_clients.add(client)

@@ -713,6 +713,38 @@ def test_entries_root_comparison_never_takes_another_root_for_it(entries_root: s
     assert summary.entry_keys == ({"k\x1fa"} if entries_root == "entries" else frozenset())
 
 
+def test_client_ids_of_2_53_or_more_are_refused_wherever_they_appear() -> None:
+    """
+    yrs keeps 53 bits of a client id, so X and X + 2**53 are one client to pycrdt. An update
+    with such an id could pass the readiness check and still be left pending (its state vector
+    reporting clocks pycrdt never integrated): every place a client id appears refuses them.
+    """
+    big, ok = 2**53, 2**53 - 1
+    ds = varuint(1) + varuint(big) + varuint(1) + varuint(0) + varuint(1)
+    item = root_item(8, "m", b"\x01\x78", "k")
+    cases = {
+        "client id": update(big, 0, [item]),
+        "origin client": update(5, 0, [bytes([0x88]) + varuint(big) + varuint(0) + b"\x01\x78"]),
+        "right origin client": update(5, 0, [bytes([0x48]) + varuint(big) + varuint(0) + b"\x01\x78"]),
+        "parent client": update(5, 0, [bytes([0x28]) + varuint(0) + varuint(big) + varuint(0) + varstring("k") + b"\x01\x78"]),
+        "delete set client": update(5, 0, [item], ds),
+    }
+    for what, u in cases.items():
+        with pytest.raises(InvalidUpdate, match=f"{what} {big} is 2\\*\\*53 or more"):
+            check_update(u)
+    assert check_update(update(ok, 0, [item])).state_vector == {ok: 1}
+    # The alias the reviewer built: X's item placed after (X + 2**53, 1), which X + 2**53 brings.
+    x = 12345
+    alias = (
+        varuint(2)
+        + varuint(1) + varuint(x) + varuint(0) + bytes([0x88]) + varuint(x + big) + varuint(1) + b"\x01\x7d\x01"
+        + varuint(1) + varuint(x + big) + varuint(0) + root_item(8, "o", b"\x02\x7d\x01\x7d\x02", "k")
+        + b"\x00"
+    )  # fmt: skip
+    with pytest.raises(InvalidUpdate, match="2\\*\\*53"):
+        check_update(alias, state={})
+
+
 def test_ready_updates_pass_with_state() -> None:
     """Every update of a recorded history is ready against the state it was made from."""
     for name in ("entries", "text", "nested", "xml", "map_values"):
