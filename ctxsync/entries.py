@@ -185,20 +185,35 @@ def validate_key(key: str) -> None:
     Check that ``key`` can be an entry key.
 
     Args:
-        key: 1 to :data:`MAX_KEY_CHARS` characters, none of them :data:`SEPARATOR`.
+        key: 1 to :data:`MAX_KEY_CHARS` characters, none of them :data:`SEPARATOR`, and text
+            UTF-8 can encode (no lone surrogate: pycrdt panics on one).
 
     Raises:
-        EntryError: If ``key`` is not a string, is empty, is too long or contains the separator.
+        EntryError: If ``key`` is not a string, is empty, is too long, contains the separator or
+            a lone surrogate.
 
     """
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or SEPARATOR in key:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or SEPARATOR in key or not _encodable(key):
         if not isinstance(key, str):
             raise EntryError(f"entry key must be a string, not {type(key).__name__}")
         if not key:
             raise EntryError("entry key is empty")
         if len(key) > MAX_KEY_CHARS:
             raise EntryError(f"entry key is {len(key)} characters long; the limit is {MAX_KEY_CHARS}")
-        raise EntryError(f"entry key {key!r} contains the reserved character U+001F")
+        if SEPARATOR in key:
+            raise EntryError(f"entry key {key!r} contains the reserved character U+001F")
+        raise EntryError(f"entry key {key!r} is not valid Unicode text (a lone surrogate)")
+
+
+def _encodable(text: str) -> bool:
+    """Whether UTF-8 can encode ``text`` (pycrdt panics on a lone surrogate); ASCII without encoding."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def slot_key(key: str, writer: NodeId) -> str:
@@ -470,13 +485,16 @@ class EntryMap:
             value_json: The value as JSON text. It is not checked: the caller must pass valid JSON.
 
         Raises:
-            EntryError: If ``key`` is invalid or ``value_json`` is not a string.
+            EntryError: If ``key`` is invalid or ``value_json`` is not a string (or holds a lone
+                surrogate, which pycrdt cannot encode).
             InvalidState: If the map is closed.
 
         """
         validate_key(key)
         if not isinstance(value_json, str):
             raise EntryError(f"value must be JSON text, not {type(value_json).__name__}")
+        if not _encodable(value_json):
+            raise EntryError(f"value of {key!r} is not valid Unicode text (a lone surrogate)")
         self._check_open()
         with self._open():
             self._write(key, value_json)
@@ -521,6 +539,8 @@ class EntryMap:
             validate_key(key)
             if value_json is not None and not isinstance(value_json, str):
                 raise EntryError(f"value must be JSON text or None, not {type(value_json).__name__}")
+            if value_json is not None and not _encodable(value_json):
+                raise EntryError(f"value of {key!r} is not valid Unicode text (a lone surrogate)")
         self._check_open()
         written = 0
         with self._open():
@@ -534,16 +554,16 @@ class EntryMap:
     def _write(self, key: str, value: str | None) -> None:
         """Replace the slots of ``key`` with this node's; must run inside a transaction."""
         node = self._node_id
-        t = self._clock.tick()
+        after = Slot(node, self._clock.tick(), value)
         held = self._slots.get(key)
-        before = None
+        before = None if held is None else self._winner(key)
+        # Own slot first: if pycrdt refuses it, nothing has changed (in an exclusive transaction
+        # no observer would repair the index after a half-done write).
+        self._put_own(key, after)
         if held is not None:
-            before = self._winner(key)
             for writer in held if type(held) is dict else (held.writer,):  # type: ignore[union-attr]
                 if writer != node:
                     del self._map[slot_key(key, writer)]
-        after = Slot(node, t, value)
-        self._put_own(key, after)
         self._slots[key] = after
         self._settle(key, before, after)
 

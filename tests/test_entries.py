@@ -773,3 +773,17 @@ def test_tombstones_count_deleted_keys_whoever_deleted_them() -> None:
     for node in (a, b):
         assert (len(node.entries), node.entries.tombstones) == (1, 2)
         assert EntryMap(node.doc, node.node_id, Clock()).tombstones == 2  # a rebuilt index agrees
+
+
+@pytest.mark.parametrize("key, value", [("k\udc80", '"v"'), ("k", '"v\ud800"')])
+def test_lone_surrogates_are_refused_before_pycrdt_sees_them(key: str, value: str) -> None:
+    """pycrdt panics on a string UTF-8 cannot encode: the entry map refuses it with EntryError, and
+    a key another writer holds is left as it was (nothing half-written)."""
+    a, b = Node(A), Node(B)
+    b.entries.set("k", '"from-b"')
+    sync(a, b)
+    for write in (lambda: a.entries.set(key, value), lambda: a.entries.set_many([("other", "1"), (key, value)])):
+        with pytest.raises(EntryError, match="lone surrogate"):
+            write()
+    assert a.entries.get("k") == b.entries.get("k") and a.entries.get("other") is None
+    assert state(a.entries) == state(EntryMap(a.doc, A, Clock()))
