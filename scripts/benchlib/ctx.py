@@ -21,7 +21,7 @@ from benchlib.util import (
     Procs,
     child_env,
     cpu_s,
-    free_port,
+    free_ports,
     open_log,
     pct_summary_ms,
     rss_mib,
@@ -44,8 +44,7 @@ class CtxNode:
     def __init__(self, root: Path, name: str) -> None:
         self.name = name
         self.home = root / name
-        self.listen_port = free_port()
-        self.api_port = free_port()
+        self.listen_port, self.api_port = free_ports(2)
         self.log_path = root / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.daemon_pid = 0

@@ -8,6 +8,7 @@ Only processes started here are ever signalled, by their own PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,9 +25,21 @@ TIMEOUT_FACTOR = float(os.environ.get("CTXSYNC_TESTS_TIMEOUT_FACTOR", "1"))
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All are bound at once before any is released: two ports picked one after the other can be the
+    same one (the kernel may hand a just-released port out again), which once made a node's API
+    and sync listener collide in CI.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 class Node:
@@ -35,8 +48,7 @@ class Node:
     def __init__(self, root: Path, name: str, *, env: dict[str, str] | None = None, netns: str | None = None) -> None:
         self.name = name
         self.home = root / name
-        self.listen_port = free_port()
-        self.api_port = free_port()
+        self.listen_port, self.api_port = free_ports(2)
         self.log_path = root / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {
