@@ -475,11 +475,19 @@ class LogConfig:
     """Lowest level logged: ``debug``, ``info``, ``warning`` or ``error``."""
     stats_interval_s: float = 10.0
     """Period of the ``peer.stats`` and ``node.stats`` events, in seconds (> 0)."""
+    loop_stall_s: float = 5.0
+    """Seconds the event loop may stay busy with one thing before ``loop.stalled`` is logged
+    (:class:`ctxsync.metrics.LoopWatchdog`); 0 turns the watchdog off."""
+    loop_stall_traceback_s: float = 120.0
+    """Seconds of a stall after which every thread's traceback is written to stderr (a hang);
+    0 turns that off."""
 
     def __post_init__(self) -> None:
         if self.level not in LOG_LEVELS:
             _invalid("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
         _check_number("log.stats_interval_s", self.stats_interval_s, minimum=0, exclusive=True)
+        _check_number("log.loop_stall_s", self.loop_stall_s, minimum=0)
+        _check_number("log.loop_stall_traceback_s", self.loop_stall_traceback_s, minimum=0)
 
 
 @dataclass(frozen=True, slots=True)

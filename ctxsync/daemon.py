@@ -37,7 +37,7 @@ from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised
 from ctxsync.pairing import PairingListener, encode_token
 from ctxsync.log import configure_logging
 from ctxsync.mesh import Mesh
-from ctxsync.metrics import ProcessSampler, log_stats, trim_memory
+from ctxsync.metrics import LoopWatchdog, ProcessSampler, log_stats, trim_memory
 from ctxsync.store import Store
 from ctxsync.types import NodeId
 
@@ -98,6 +98,7 @@ class Daemon:
         self._sync_port = self.config.listen[1]
         self.alerts = AlertEvaluator(self.config.alerts)
         self.discovery: Any = None  # a ctxsync.discovery.Discovery once started
+        self.watchdog: LoopWatchdog | None = None
         self._loop_lag_ms: collections.deque[float] = collections.deque(maxlen=LOOP_LAG_WINDOW)
         self._rates: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=RATE_WINDOW + 1)
         self.pairing = PairingListener(
@@ -183,6 +184,8 @@ class Daemon:
             "updates_in_per_s": round(rate_in, 1),
             "updates_out_per_s": round(rate_out, 1),
             "loop_lag_ms": round(max(self._loop_lag_ms, default=0.0), 3),
+            "loop_stalls_total": self.watchdog.stalls if self.watchdog else 0,
+            "last_loop_stall_s": round(self.watchdog.last_stall_s, 3) if self.watchdog else 0.0,
         }
 
     def _api_hosts(self) -> frozenset[str]:
@@ -365,11 +368,16 @@ class Daemon:
             if cfg.discovery.enabled:
                 background.append(asyncio.create_task(self._discover(), name="discovery"))
             loop.call_later(STARTUP_TRIM_S, trim_memory)  # once the first sessions are up
+            if cfg.log.loop_stall_s > 0:  # after loading: a long start is not a stall
+                self.watchdog = LoopWatchdog(cfg.log.loop_stall_s, cfg.log.loop_stall_traceback_s)
+                self.watchdog.start()
             try:
                 await self.stopping.wait()
             finally:
                 for t in background:
                     t.cancel()
+                # Let each finish its cancellation (a discovery start under way closes its sockets).
+                await asyncio.gather(*background, return_exceptions=True)
                 # Peers first hear Goodbye on every session, dialed or accepted; closing the
                 # listener before would cut accepted sessions with a bare 1001.
                 await self.pairing.close()
@@ -384,6 +392,8 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listener.wait_closed(), 3)
                     await asyncio.wait_for(api_server.wait_closed(), 3)
+                if self.watchdog is not None:
+                    self.watchdog.stop()
             # Leaving the store's context commits everything queued, then closes it.
         log.info("node.stopped", reason=self.stop_reason)
 

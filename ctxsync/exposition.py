@@ -37,6 +37,8 @@ name                                                    type     labels; source
 ``ctxsync_process_threads``                             gauge    ``process.num_threads``
 ``ctxsync_process_uptime_seconds``                      gauge    ``process.uptime_s``
 ``ctxsync_event_loop_lag_seconds``                      gauge    ``node.loop_lag_ms``
+``ctxsync_event_loop_stalls_total``                     counter  ``node.loop_stalls_total``
+``ctxsync_event_loop_last_stall_seconds``               gauge    ``node.last_loop_stall_s``
 ``ctxsync_updates_in_total``                            counter  ``node.updates_in_total``
 ``ctxsync_updates_out_total``                           counter  ``node.updates_out_total``
 ``ctxsync_store_size_bytes``                            gauge    ``store.size_bytes``
@@ -262,6 +264,18 @@ class StatusCollector(Collector):
             "ctxsync_event_loop_lag_seconds", "Lag of the daemon's asyncio event loop.", unit="seconds"
         )
         _add(family, [], node.get("loop_lag_ms"), _MS)
+        yield family
+        counter = _counter(
+            "ctxsync_event_loop_stalls_total", "Stalls of the event loop the watchdog saw end (loop.resumed)."
+        )
+        _add(counter, [], node.get("loop_stalls_total"))
+        yield counter
+        family = _gauge(
+            "ctxsync_event_loop_last_stall_seconds",
+            "Length of the event loop's last stall (0 before the first).",
+            unit="seconds",
+        )
+        _add(family, [], node.get("last_loop_stall_s"))
         yield family
         counter = _counter("ctxsync_updates_in_total", "Updates received from peers and applied here.")
         _add(counter, [], node.get("updates_in_total"))

@@ -1,5 +1,6 @@
 """
-Process and peer figures: psutil sampling and the periodic ``node.stats`` / ``peer.stats`` events.
+Process and peer figures: psutil sampling, the periodic ``node.stats`` / ``peer.stats`` events,
+and the event loop watchdog (``loop.stalled`` / ``loop.resumed``).
 
 psutil is sampled at most once per call of :meth:`ProcessSampler.sample` (the daemon calls
 it once per ``stats_interval_s`` and for ``ctxsync status``). Field names carry units.
@@ -7,9 +8,14 @@ it once per ``stats_interval_s`` and for ``ctxsync status``). Field names carry 
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
 import os
+import sys
+import threading
 import time
-from typing import Any
+import traceback
+from typing import Any, TextIO
 
 import psutil
 import structlog
@@ -125,5 +131,138 @@ def log_stats(status: dict[str, Any]) -> None:
         updates_in_per_s=status.get("node", {}).get("updates_in_per_s"),
         updates_out_per_s=status.get("node", {}).get("updates_out_per_s"),
         loop_lag_ms=status.get("node", {}).get("loop_lag_ms"),
+        loop_stalls_total=status.get("node", {}).get("loop_stalls_total", 0),
         alerts_active=len(status.get("alerts", [])),
     )
+
+
+STACK_FRAMES = 8
+"""Innermost frames of the loop thread given in a ``loop.stalled`` event."""
+
+
+class LoopWatchdog:
+    """
+    Tell when the asyncio event loop stops turning (a stall), from outside the loop.
+
+    While one callback holds the loop (a large catch-up applied on it, a slow synchronous call,
+    a hang inside an extension), nothing else in the daemon runs: no API answer, no ping, no
+    ``node.stats``; the loop's own lag probe (``loop_lag_ms``) reports only once it turns again.
+    So:
+
+    - the loop sets a heartbeat every ``beat_s`` (a timer: ``min(stall_s / 4, 1)`` seconds);
+    - a thread checks it as often; once the heartbeat is ``stall_s`` seconds overdue, it logs
+      ``loop.stalled`` (WARNING, once per stall) with ``stalled_s`` so far and ``stack``, the
+      innermost Python frames of the loop's thread (:func:`sys._current_frames`): where it is
+      stuck;
+    - when the loop turns again after being ``stall_s`` or more late, it logs ``loop.resumed``
+      (WARNING) with the whole delay in ``stalled_s``, and counts the stall (:attr:`stalls`).
+
+    A thread needs the GIL, and an extension may hold it for the whole stall (pycrdt does while
+    it applies an update): then ``loop.stalled`` comes only after the stall, if at all, and its
+    stack shows where the loop is by then. For that case ``traceback_s`` arms the standard
+    library's :func:`faulthandler.dump_traceback_later`, whose C thread needs no GIL: a stall
+    of ``traceback_s`` seconds or more writes the traceback of every thread to
+    ``traceback_file`` (plain text, as Python prints it). It is re-armed every
+    ``traceback_s / 4`` seconds, so a stall shorter than three quarters of ``traceback_s`` is
+    never dumped. ``faulthandler`` has one such timer per process: this object owns it from
+    :meth:`start` to :meth:`stop`.
+
+    Args:
+        stall_s: Seconds of delay that make a stall (> 0).
+        traceback_s: Seconds of stall after which tracebacks are written; 0 turns that off.
+        traceback_file: Where tracebacks go (a file with a descriptor); default ``sys.stderr``.
+
+    Raises:
+        ValueError: If ``stall_s`` is not > 0 or ``traceback_s`` is negative.
+    """
+
+    def __init__(self, stall_s: float, traceback_s: float = 0.0, *, traceback_file: TextIO | None = None) -> None:
+        if not stall_s > 0 or not traceback_s >= 0:
+            raise ValueError(f"stall_s must be > 0 and traceback_s >= 0, got {stall_s!r}, {traceback_s!r}")
+        self.stall_s = stall_s
+        self.traceback_s = traceback_s
+        self.beat_s = min(stall_s / 4, 1.0)
+        self._traceback_file = traceback_file
+        self.stalls = 0
+        """Stalls ended so far (each logged as ``loop.resumed``)."""
+        self.last_stall_s = 0.0
+        """Length of the last stall, in seconds (0.0 before the first)."""
+        self._due = 0.0  # time.monotonic() by which the next heartbeat should run
+        self._reported_due = -1.0  # the _due a loop.stalled was logged for
+        self._armed_at = -float("inf")
+        self._loop_thread = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the heartbeat and the watching thread (call from the running loop's thread)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._due = time.monotonic() + self.beat_s
+        self._timer = self._loop.call_later(self.beat_s, self._beat)
+        self._rearm(time.monotonic())
+        self._thread = threading.Thread(target=self._watch, name="ctxsync-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the heartbeat, the thread and the traceback timer (idempotent)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.traceback_s:
+            faulthandler.cancel_dump_traceback_later()
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        late = now - self._due
+        if late >= self.stall_s:
+            self.stalls += 1
+            self.last_stall_s = late
+            log.warning("loop.resumed", stalled_s=round(late, 3), stalls=self.stalls)
+        self._due = now + self.beat_s
+        self._rearm(now)
+        assert self._loop is not None
+        self._timer = self._loop.call_later(self.beat_s, self._beat)
+
+    def _rearm(self, now: float) -> None:
+        if not self.traceback_s or now - self._armed_at < self.traceback_s / 4:
+            return
+        out = self._traceback_file if self._traceback_file is not None else sys.stderr
+        try:
+            faulthandler.dump_traceback_later(self.traceback_s, repeat=False, file=out, exit=False)
+        except (ValueError, OSError, AttributeError) as exc:  # no usable file descriptor (stderr closed)
+            log.warning("loop.watchdog_traceback_off", error=str(exc))
+            self.traceback_s = 0.0
+            return
+        self._armed_at = now
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            due = self._due
+            late = time.monotonic() - due
+            if late >= self.stall_s and due != self._reported_due:
+                self._reported_due = due
+                log.warning("loop.stalled", stalled_s=round(late, 3), stack=self._stack())
+
+    def _stack(self) -> list[str]:
+        """The loop thread's innermost frames, outermost first: ``"dir/file.py:line function"``."""
+        frame = sys._current_frames().get(self._loop_thread)
+        if frame is None:
+            return []
+        frames = traceback.extract_stack(frame)[-STACK_FRAMES:]
+        return [f"{_short_path(f.filename)}:{f.lineno} {f.name}" for f in frames]
+
+
+def _short_path(filename: str) -> str:
+    """``filename`` relative to the import root it was found under (``ctxsync/mesh.py``, ``asyncio/events.py``)."""
+    roots = sorted({os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *(p for p in sys.path if p)}, key=len)
+    for root in reversed(roots):  # the longest, most specific root first
+        if filename.startswith(root.rstrip(os.sep) + os.sep):
+            return filename[len(root.rstrip(os.sep)) + 1 :]
+    return os.path.basename(filename)

@@ -342,6 +342,8 @@ def sample_status() -> dict[str, Any]:
             "updates_in_total": 40,
             "updates_out_total": 7,
             "loop_lag_ms": 0.8,
+            "loop_stalls_total": 2,
+            "last_loop_stall_s": 6.25,
         },
         "store": {
             "path": "/home/me/.ctxsync/store.db",

@@ -63,6 +63,8 @@ def test_node_process_and_store_values() -> None:
     assert got[key("ctxsync_process_threads")] == 2
     assert got[key("ctxsync_process_uptime_seconds")] == 9.7
     assert got[key("ctxsync_event_loop_lag_seconds")] == pytest.approx(0.0008)
+    assert got[key("ctxsync_event_loop_stalls_total")] == 2
+    assert got[key("ctxsync_event_loop_last_stall_seconds")] == 6.25
     assert got[key("ctxsync_updates_in_total")] == 40
     assert got[key("ctxsync_updates_out_total")] == 7
     assert got[key("ctxsync_store_size_bytes")] == 131_440
@@ -110,6 +112,7 @@ def test_types_and_units() -> None:
     assert counters == {
         "ctxsync_updates_in",
         "ctxsync_updates_out",
+        "ctxsync_event_loop_stalls",
         "ctxsync_store_commits",
         "ctxsync_store_appends",
         "ctxsync_store_compactions",
@@ -129,6 +132,7 @@ def test_types_and_units() -> None:
     assert {name for name, unit in units.items() if unit == "seconds"} == {
         "ctxsync_process_uptime_seconds",
         "ctxsync_event_loop_lag_seconds",
+        "ctxsync_event_loop_last_stall_seconds",
         "ctxsync_peer_last_rtt_seconds",
         "ctxsync_peer_rtt_seconds",
         "ctxsync_peer_context_replication_lag_seconds",

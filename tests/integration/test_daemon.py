@@ -293,6 +293,42 @@ def test_api_refuses_bad_tokens_and_foreign_hosts(make_node: MakeNode) -> None:
     assert denied.returncode == 1 and "token" in denied.stderr
 
 
+def test_event_loop_stall_is_logged_counted_and_exported(make_node: MakeNode) -> None:
+    """
+    One request writing 50,000 keys holds the daemon's event loop for a while (no fake: the
+    write itself). With ``[log] loop_stall_s = 0.1``, the watchdog thread logs ``loop.stalled``
+    while it lasts, naming ctxsync code in its stack; ``loop.resumed`` follows; status,
+    node.stats and /metrics count it.
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ctxsync import SyncClient
+
+    a = make_node("a")
+    cfg = a.home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("loop_stall_s = 5.0", "loop_stall_s = 0.1"))
+    a.start()
+    before = a.status()["node"]["loop_stalls_total"]
+    with SyncClient.for_home(a.home, env=a.env) as client:
+        assert client.set_many("big", [(f"k{i:06d}", str(i)) for i in range(50_000)]) > 0
+    wait_for(lambda: a.status()["node"]["loop_stalls_total"] > before)
+    wait_for(lambda: a.events("loop.stalled") and a.events("loop.resumed"))
+    stalled, resumed = a.events("loop.stalled"), a.events("loop.resumed")
+    assert all(e["level"] == "warning" and e["stalled_s"] >= 0.1 for e in stalled + resumed)
+    assert any(any(frame.startswith("ctxsync/") for frame in e["stack"]) for e in stalled), stalled
+    node = a.status()["node"]
+    assert node["last_loop_stall_s"] >= 0.1 and node["loop_stalls_total"] == len(resumed)
+    wait_for(lambda: a.events("node.stats")[-1]["loop_stalls_total"] == len(resumed))
+    token = (a.home / "api.token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{a.api_port}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    assert families["ctxsync_event_loop_stalls"].samples[0].value == len(resumed)
+    assert families["ctxsync_event_loop_last_stall_seconds"].samples[0].value >= 0.1
+
+
 def test_metrics_alerts_and_status_table(make_node: MakeNode) -> None:
     """GET /metrics serves Prometheus text (token required); a configured alert is raised and cleared."""
     import urllib.error
