@@ -405,6 +405,9 @@ class StoreConfig:
 
     compact_threshold: int = 2000
     """Update log rows per context that trigger a compaction into a checkpoint (>= 10)."""
+    idle_compact_s: float = 60.0
+    """Seconds a context must go unchanged before its log (from 64 rows) is compacted anyway,
+    so that a restart does not replay it row by row; 0 turns that off."""
     key_file: str = ""
     """File holding the store key (URL-safe base64 of 32 bytes, mode 0600); empty means
     ``store.key`` in the home. A relative path is relative to the home."""
@@ -414,6 +417,7 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         _check_number("store.compact_threshold", self.compact_threshold, minimum=MIN_COMPACT_THRESHOLD)
+        _check_number("store.idle_compact_s", self.idle_compact_s, minimum=0)
         if not isinstance(self.key_file, str) or "\x00" in self.key_file:
             _invalid("store.key_file", f"expected a path, got {self.key_file!r}")
         if not isinstance(self.key_env, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)?", self.key_env):

@@ -31,7 +31,7 @@ from ctxsync.api import Api
 from ctxsync.recovery import Recovery
 from ctxsync.webhooks import WebhookDispatcher
 from ctxsync.crypto import node_id_from_cert
-from ctxsync.errors import ConfigError, CryptoError, CtxSyncError
+from ctxsync.errors import ConfigError, CryptoError, CtxSyncError, StoreError
 from ctxsync.crypto import PeerCard, encode_peer_card
 from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised_host, check_permissions, open_store_key, pair_card
 from ctxsync.pairing import PairingListener, encode_token
@@ -58,6 +58,10 @@ DISCOVERY_RETRY_MIN_S = 2.0
 """Seconds before mDNS discovery is started again after it failed to start (then doubling)."""
 DISCOVERY_RETRY_MAX_S = 300.0
 """Longest wait between two attempts to start mDNS discovery, in seconds."""
+IDLE_COMPACT_MIN_ROWS = 64
+"""Log rows from which a context left unchanged for ``store.idle_compact_s`` is compacted."""
+IDLE_COMPACT_TICK_S = 5.0
+"""Longest period of the idle-compaction check, in seconds (shorter if ``idle_compact_s`` is)."""
 GC_YOUNG_THRESHOLD = 10_000
 """Net container allocations between two young-generation collections (CPython's default: 700).
 
@@ -231,6 +235,48 @@ class Daemon:
             self.discovery = discovery
             return
 
+    async def _compact_idle(self, idle_s: float) -> None:
+        """
+        Compact the log of each context left unchanged for ``idle_s`` seconds once it has
+        :data:`IDLE_COMPACT_MIN_ROWS` rows (and is large enough next to its checkpoint:
+        :meth:`Store.compaction_due`), one context at a time.
+
+        Automatic compactions come only with writes, after ``store.compact_threshold`` rows
+        (2000): a context written some hundreds of times and then left alone kept its log for
+        good, and every start read, unsealed and applied it row by row. Measured: 200 contexts
+        of 1,000 rows each took 5 s to start.
+        """
+        assert self.mesh is not None and self.store is not None
+        seen: dict[str, tuple[int, float]] = {}  # doc_id -> (version, monotonic time it was first seen at)
+        tick = min(IDLE_COMPACT_TICK_S, idle_s)
+        while True:
+            await asyncio.sleep(tick)
+            if self.mesh.store_failing:
+                continue
+            now = time.monotonic()
+            due = []
+            for doc_id, ctx in list(self.mesh.contexts.items()):
+                known = seen.get(doc_id)
+                if known is None or known[0] != ctx.version:
+                    seen[doc_id] = (ctx.version, now)
+                elif now - known[1] >= idle_s and self.store.compaction_due(doc_id, IDLE_COMPACT_MIN_ROWS):
+                    due.append(doc_id)
+            for doc_id in due:
+                current = self.mesh.contexts.get(doc_id)
+                if current is None or current.version != seen[doc_id][0]:
+                    continue  # changed meanwhile: it is not idle
+                started = time.monotonic()
+                try:
+                    compacted = await self.store.compact(doc_id)
+                except StoreError as exc:  # the store is failing: the write path reports it
+                    log.debug("store.idle_compaction_failed", doc_id=doc_id, error=str(exc))
+                    break
+                took = time.monotonic() - started
+                log.debug("store.compacted", doc_id=doc_id, reason="idle", written=compacted, took_s=round(took, 3))
+                # The store thread does nothing else meanwhile (writes wait): leave it free at
+                # least half the time, however many contexts are due (after a restart, all).
+                await asyncio.sleep(took)
+
     async def _monitor(self) -> None:
         # Event loop lag: how late a timer fires. A busy loop (a large catch-up applied on it)
         # shows here first, before the API slows down.
@@ -367,6 +413,8 @@ class Daemon:
             ]
             if cfg.discovery.enabled:
                 background.append(asyncio.create_task(self._discover(), name="discovery"))
+            if cfg.store.idle_compact_s > 0:
+                background.append(asyncio.create_task(self._compact_idle(cfg.store.idle_compact_s), name="idle-compaction"))
             loop.call_later(STARTUP_TRIM_S, trim_memory)  # once the first sessions are up
             if cfg.log.loop_stall_s > 0:  # after loading: a long start is not a stall
                 self.watchdog = LoopWatchdog(cfg.log.loop_stall_s, cfg.log.loop_stall_traceback_s)

@@ -894,6 +894,22 @@ class Store:
         """
         return await self._call(lambda conn: self._compact_now(conn, doc_id))
 
+    def compaction_due(self, doc_id: DocId, min_rows: int) -> bool:
+        """
+        Tell whether :meth:`compact` is worth calling for a context that is not being written:
+        its log has at least ``min_rows`` rows since the checkpoint, it is large enough next to
+        the checkpoint (the rule of automatic compactions, so a big context is not replayed for
+        a few rows), and no compaction of it failed since its log last grew by
+        ``compact_threshold`` rows.
+
+        Every row of the log is read, unsealed and applied again at each start
+        (:meth:`load_all`): a context written a few hundred times and then left alone would
+        otherwise cost that at every restart for as long as it lives. The answer comes from
+        counters kept in memory; no I/O.
+        """
+        rows = self._log_rows.get(doc_id, 0)
+        return rows >= max(1, min_rows) and rows >= self._retry_at.get(doc_id, 0) and self._log_is_large(doc_id)
+
     async def pragmas(self) -> dict[str, Any]:
         """Return the connection's ``journal_mode``, ``synchronous`` (2 = FULL) and ``foreign_keys``."""
         names = ("journal_mode", "synchronous", "foreign_keys")

@@ -197,6 +197,35 @@ async def test_compaction_bounds_log_and_preserves_document(tmp_path: Path) -> N
     assert (ChecksumCipher().unseal(row[0], CTX.encode()), row[1], row[2]) == (replay.get_state(), 500, 500)
 
 
+async def test_compaction_due_for_a_log_left_alone(tmp_path: Path) -> None:
+    """compaction_due: from min_rows rows, not below, not again once compacted, and not for a
+    big checkpoint with a small log (the ratio rule of automatic compactions)."""
+    path, writer, big = tmp_path / "store.db", Writer(), Writer()
+    async with Store(path) as store:
+        for version in range(1, 64):
+            await store.append(CTX, version, writer.set(f"k{version % 7}", f"value {version}"))
+        assert not store.compaction_due(CTX, 64) and store.compaction_due(CTX, 63)
+        await store.append(CTX, 64, writer.set("k0", "last"))
+        assert store.compaction_due(CTX, 64)
+        assert await store.compact(CTX) is True
+        assert not store.compaction_due(CTX, 1) and log_rows(path) == 0
+        # A context whose checkpoint is past 1 MiB waits until its log is a quarter of it.
+        other = DocId("big")
+        with big.doc.transaction():
+            for i in range(12_000):
+                big.entries[f"b{i}"] = "x" * 100
+        await store.append(other, 1, big.updates[-1])
+        assert await store.compact(other) is True
+        for version in range(2, 102):
+            await store.append(other, version, big.set(f"b{version}", "y"))
+        assert not store.compaction_due(other, 64)
+        assert not store.compaction_due(DocId("never-written"), 1)
+    async with Store(path) as store:
+        loaded = {c.doc_id: c for c in await store.load_all()}
+    assert_same(rebuild(loaded[CTX].updates), writer)
+    assert len(loaded[CTX].updates) == 1 and len(loaded[DocId("big")].updates) == 101
+
+
 class ToyCipher:
     name = "toy"
 

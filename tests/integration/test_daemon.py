@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -327,6 +328,38 @@ def test_event_loop_stall_is_logged_counted_and_exported(make_node: MakeNode) ->
         families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
     assert families["ctxsync_event_loop_stalls"].samples[0].value == len(resumed)
     assert families["ctxsync_event_loop_last_stall_seconds"].samples[0].value >= 0.1
+
+
+def test_a_context_left_alone_is_compacted_and_reloads_whole(make_node: MakeNode) -> None:
+    """
+    With ``[store] idle_compact_s = 0.5``: a context written 80 times (80 log rows) and then
+    left alone is merged into its checkpoint, so a restart does not replay it row by row; one
+    written 10 times keeps its log (under 64 rows). After a restart every value is there.
+    """
+    import sqlite3
+
+    from ctxsync import SyncClient
+
+    a = make_node("a")
+    cfg = a.home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("idle_compact_s = 60.0", "idle_compact_s = 0.5"))
+    a.start()
+    with SyncClient.for_home(a.home, env=a.env) as client:
+        for i in range(80):  # one at a time: a version, and a log row, each
+            client.set("idle", f"k{i % 5}", str(i))
+        for i in range(10):
+            client.set("small", f"k{i}", str(i))
+    wait_for(lambda: a.status()["store"]["compactions"] >= 1)
+    assert a.stop() == 0
+    with contextlib.closing(sqlite3.connect(f"file:{a.home / 'store.db'}?mode=ro", uri=True)) as conn:
+        rows = dict(conn.execute("SELECT doc_id, COUNT(*) FROM updates GROUP BY doc_id").fetchall())
+        checkpoints = {r[0] for r in conn.execute("SELECT doc_id FROM checkpoints")}
+    assert rows.get("idle", 0) < 64 and "idle" in checkpoints, rows
+    assert rows["small"] == 10 and "small" not in checkpoints
+    a.start()
+    assert a.get("idle") == {"k0": 75, "k1": 76, "k2": 77, "k3": 78, "k4": 79}
+    assert a.get("small") == {f"k{i}": i for i in range(10)}
+    assert a.status()["contexts"]["idle"]["version"] >= 80
 
 
 def test_metrics_alerts_and_status_table(make_node: MakeNode) -> None:
