@@ -465,6 +465,13 @@ class DiscoveryConfig:
             _invalid("discovery.enabled", f"expected a boolean, got {self.enabled!r}")
 
 
+MIN_LOOP_STALL_S = 0.1
+"""Smallest ``log.loop_stall_s`` but 0: the heartbeat runs every quarter of it."""
+MAX_LOOP_STALL_S = 3600.0
+MAX_LOOP_STALL_TRACEBACK_S = 86_400.0
+"""Largest ``log.loop_stall_traceback_s`` (seconds): faulthandler's timer overflows on huge ones."""
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     """
@@ -483,15 +490,26 @@ class LogConfig:
     """Seconds the event loop may stay busy with one thing before ``loop.stalled`` is logged
     (:class:`ctxsync.metrics.LoopWatchdog`); 0 turns the watchdog off."""
     loop_stall_traceback_s: float = 120.0
-    """Seconds of a stall after which every thread's traceback is written to stderr (a hang);
-    0 turns that off."""
+    """Seconds of a stall after which every thread's traceback is appended to
+    ``stall-tracebacks.txt`` in the home (a hang): 0 (off), or from 1 and ``loop_stall_s``
+    to 86,400."""
 
     def __post_init__(self) -> None:
         if self.level not in LOG_LEVELS:
             _invalid("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
         _check_number("log.stats_interval_s", self.stats_interval_s, minimum=0, exclusive=True)
         _check_number("log.loop_stall_s", self.loop_stall_s, minimum=0)
+        if self.loop_stall_s and not MIN_LOOP_STALL_S <= self.loop_stall_s <= MAX_LOOP_STALL_S:
+            _invalid("log.loop_stall_s", f"must be 0 (off) or from {MIN_LOOP_STALL_S} to {MAX_LOOP_STALL_S}, got {self.loop_stall_s!r}")
         _check_number("log.loop_stall_traceback_s", self.loop_stall_traceback_s, minimum=0)
+        if self.loop_stall_traceback_s:
+            low = max(1.0, self.loop_stall_s)
+            if not low <= self.loop_stall_traceback_s <= MAX_LOOP_STALL_TRACEBACK_S:
+                _invalid(
+                    "log.loop_stall_traceback_s",
+                    f"must be 0 (off) or from {low} (1, and log.loop_stall_s) to {MAX_LOOP_STALL_TRACEBACK_S}, "
+                    f"got {self.loop_stall_traceback_s!r}",
+                )
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,14 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import os
 import signal
 import time
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -33,7 +34,7 @@ from ctxsync.webhooks import WebhookDispatcher
 from ctxsync.crypto import node_id_from_cert
 from ctxsync.errors import ConfigError, CryptoError, CtxSyncError, StoreError
 from ctxsync.crypto import PeerCard, encode_peer_card
-from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, advertised_host, check_permissions, open_store_key, pair_card
+from ctxsync.home import CERT_FILE, KEY_FILE, STORE_FILE, TOKEN_FILE, TRACEBACK_FILE, advertised_host, check_permissions, open_store_key, pair_card
 from ctxsync.pairing import PairingListener, encode_token
 from ctxsync.log import configure_logging
 from ctxsync.mesh import Mesh
@@ -416,34 +417,56 @@ class Daemon:
             if cfg.store.idle_compact_s > 0:
                 background.append(asyncio.create_task(self._compact_idle(cfg.store.idle_compact_s), name="idle-compaction"))
             loop.call_later(STARTUP_TRIM_S, trim_memory)  # once the first sessions are up
-            if cfg.log.loop_stall_s > 0:  # after loading: a long start is not a stall
-                self.watchdog = LoopWatchdog(cfg.log.loop_stall_s, cfg.log.loop_stall_traceback_s)
-                self.watchdog.start()
+            tracebacks = None
             try:
+                if cfg.log.loop_stall_s > 0:  # after loading: a long start is not a stall
+                    if cfg.log.loop_stall_traceback_s > 0:
+                        try:
+                            tracebacks = _open_append(self.home / TRACEBACK_FILE)
+                        except OSError as exc:  # stalls are still logged
+                            log.warning("loop.watchdog_traceback_off", error=str(exc))
+                    self.watchdog = LoopWatchdog(
+                        cfg.log.loop_stall_s,
+                        cfg.log.loop_stall_traceback_s if tracebacks is not None else 0.0,
+                        traceback_file=tracebacks,
+                    )
+                    self.watchdog.start()
                 await self.stopping.wait()
             finally:
-                for t in background:
-                    t.cancel()
-                # Let each finish its cancellation (a discovery start under way closes its sockets).
-                await asyncio.gather(*background, return_exceptions=True)
-                # Peers first hear Goodbye on every session, dialed or accepted; closing the
-                # listener before would cut accepted sessions with a bare 1001.
-                await self.pairing.close()
-                if self.discovery is not None:
-                    await self.discovery.stop()  # goodbye packets: peers forget this address
-                await webhooks.stop()
-                await mesh.stop()
-                await mesh.flush_unpersisted()
-                await recovery.stop()
-                api_server.close()
-                listener.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(listener.wait_closed(), 3)
-                    await asyncio.wait_for(api_server.wait_closed(), 3)
-                if self.watchdog is not None:
-                    self.watchdog.stop()
+                try:
+                    for t in background:
+                        t.cancel()
+                    # Let each finish its cancellation (a discovery start under way closes its sockets).
+                    for t, result in zip(background, await asyncio.gather(*background, return_exceptions=True), strict=True):
+                        if isinstance(result, Exception):  # it had failed before the stop: say so
+                            log.error("node.task_failed", task=t.get_name(), error=f"{type(result).__name__}: {result}")
+                    # Peers first hear Goodbye on every session, dialed or accepted; closing the
+                    # listener before would cut accepted sessions with a bare 1001.
+                    await self.pairing.close()
+                    if self.discovery is not None:
+                        await self.discovery.stop()  # goodbye packets: peers forget this address
+                    await webhooks.stop()
+                    await mesh.stop()
+                    await mesh.flush_unpersisted()
+                    await recovery.stop()
+                    api_server.close()
+                    listener.close()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(listener.wait_closed(), 3)
+                        await asyncio.wait_for(api_server.wait_closed(), 3)
+                finally:
+                    if self.watchdog is not None:
+                        self.watchdog.stop()
+                    if tracebacks is not None:
+                        tracebacks.close()
             # Leaving the store's context commits everything queued, then closes it.
         log.info("node.stopped", reason=self.stop_reason)
+
+
+def _open_append(path: Path) -> TextIO:
+    """Open ``path`` for appending, created with mode 0600 (the home's files are private)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def run(home: Path, env: Mapping[str, str]) -> int:

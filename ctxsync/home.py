@@ -33,6 +33,7 @@ __all__ = [
     "KEY_FILE",
     "STORE_FILE",
     "STORE_KEY_FILE",
+    "TRACEBACK_FILE",
     "TOKEN_FILE",
     "advertised_host",
     "check_permissions",
@@ -46,6 +47,8 @@ CERT_FILE = "node.crt"
 TOKEN_FILE = "api.token"
 STORE_FILE = "store.db"
 STORE_KEY_FILE = "store.key"
+TRACEBACK_FILE = "stall-tracebacks.txt"
+"""Where the event loop watchdog appends every thread's traceback after a long stall (a hang)."""
 
 _PRIVATE_FILES = (KEY_FILE, TOKEN_FILE, STORE_KEY_FILE, "config.toml", "peers.toml")
 _STORE_FILES = (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", STORE_FILE + "-journal")

@@ -138,6 +138,8 @@ def log_stats(status: dict[str, Any]) -> None:
 
 STACK_FRAMES = 8
 """Innermost frames of the loop thread given in a ``loop.stalled`` event."""
+MAX_TRACEBACK_S = 86_400.0
+"""Longest ``traceback_s`` (seconds): faulthandler's timer overflows on very large ones."""
 
 
 class LoopWatchdog:
@@ -154,31 +156,41 @@ class LoopWatchdog:
       ``loop.stalled`` (WARNING, once per stall) with ``stalled_s`` so far and ``stack``, the
       innermost Python frames of the loop's thread (:func:`sys._current_frames`): where it is
       stuck;
-    - when the loop turns again after being ``stall_s`` or more late, it logs ``loop.resumed``
-      (WARNING) with the whole delay in ``stalled_s``, and counts the stall (:attr:`stalls`).
+    - when the heartbeat runs ``stall_s`` or more late, the loop logs ``loop.resumed`` (WARNING)
+      with that delay in ``stalled_s``, and counts the stall (:attr:`stalls`). The delay is
+      counted from when the heartbeat was due, so a stall that began up to ``beat_s`` after
+      that is counted from ``stall_s + beat_s`` of length.
 
     A thread needs the GIL, and an extension may hold it for the whole stall (pycrdt does while
     it applies an update): then ``loop.stalled`` comes only after the stall, if at all, and its
     stack shows where the loop is by then. For that case ``traceback_s`` arms the standard
     library's :func:`faulthandler.dump_traceback_later`, whose C thread needs no GIL: a stall
-    of ``traceback_s`` seconds or more writes the traceback of every thread to
-    ``traceback_file`` (plain text, as Python prints it). It is re-armed every
-    ``traceback_s / 4`` seconds, so a stall shorter than three quarters of ``traceback_s`` is
-    never dumped. ``faulthandler`` has one such timer per process: this object owns it from
+    of ``traceback_s`` seconds or more appends the traceback of every thread to
+    ``traceback_file`` (plain text, as Python prints it). Give it a regular file: re-arming
+    waits for a dump under way to finish, with the GIL held, so a dump blocked on a pipe
+    nobody reads would freeze the process. The timer is re-armed every ``traceback_s / 4``
+    seconds, at a heartbeat, so a stall shorter than ``3/4 traceback_s - beat_s`` is never
+    dumped. ``faulthandler`` has one such timer per process: this object owns it from
     :meth:`start` to :meth:`stop`.
 
     Args:
         stall_s: Seconds of delay that make a stall (> 0).
-        traceback_s: Seconds of stall after which tracebacks are written; 0 turns that off.
-        traceback_file: Where tracebacks go (a file with a descriptor); default ``sys.stderr``.
+        traceback_s: Seconds of stall after which tracebacks are written: 0 (off), or from
+            ``stall_s`` to :data:`MAX_TRACEBACK_S`.
+        traceback_file: Where tracebacks go (a file with a descriptor); needed if
+            ``traceback_s`` is not 0.
 
     Raises:
-        ValueError: If ``stall_s`` is not > 0 or ``traceback_s`` is negative.
+        ValueError: If a value is out of range, or ``traceback_s`` comes without a file.
     """
 
     def __init__(self, stall_s: float, traceback_s: float = 0.0, *, traceback_file: TextIO | None = None) -> None:
-        if not stall_s > 0 or not traceback_s >= 0:
-            raise ValueError(f"stall_s must be > 0 and traceback_s >= 0, got {stall_s!r}, {traceback_s!r}")
+        if not 0 < stall_s < float("inf"):
+            raise ValueError(f"stall_s must be a finite number > 0, got {stall_s!r}")
+        if traceback_s != 0 and not stall_s <= traceback_s <= MAX_TRACEBACK_S:
+            raise ValueError(f"traceback_s must be 0 or from stall_s ({stall_s!r}) to {MAX_TRACEBACK_S}, got {traceback_s!r}")
+        if traceback_s and traceback_file is None:
+            raise ValueError("traceback_s needs a traceback_file")
         self.stall_s = stall_s
         self.traceback_s = traceback_s
         self.beat_s = min(stall_s / 4, 1.0)
@@ -215,28 +227,30 @@ class LoopWatchdog:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if self.traceback_s:
+        if self.traceback_s and self._armed_at > -float("inf"):
             faulthandler.cancel_dump_traceback_later()
+            self._armed_at = -float("inf")
 
     def _beat(self) -> None:
         now = time.monotonic()
-        late = now - self._due
-        if late >= self.stall_s:
-            self.stalls += 1
-            self.last_stall_s = late
-            log.warning("loop.resumed", stalled_s=round(late, 3), stalls=self.stalls)
-        self._due = now + self.beat_s
-        self._rearm(now)
-        assert self._loop is not None
-        self._timer = self._loop.call_later(self.beat_s, self._beat)
+        try:
+            late = now - self._due
+            if late >= self.stall_s:
+                self.stalls += 1
+                self.last_stall_s = late
+                log.warning("loop.resumed", stalled_s=round(late, 3), stalls=self.stalls)
+            self._rearm(now)
+        finally:  # whatever happened above, the heartbeat goes on
+            self._due = now + self.beat_s
+            if self._loop is not None and not self._stop.is_set():
+                self._timer = self._loop.call_later(self.beat_s, self._beat)
 
     def _rearm(self, now: float) -> None:
-        if not self.traceback_s or now - self._armed_at < self.traceback_s / 4:
+        if not self.traceback_s or self._traceback_file is None or now - self._armed_at < self.traceback_s / 4:
             return
-        out = self._traceback_file if self._traceback_file is not None else sys.stderr
         try:
-            faulthandler.dump_traceback_later(self.traceback_s, repeat=False, file=out, exit=False)
-        except (ValueError, OSError, AttributeError) as exc:  # no usable file descriptor (stderr closed)
+            faulthandler.dump_traceback_later(self.traceback_s, repeat=False, file=self._traceback_file, exit=False)
+        except Exception as exc:  # the file has no usable descriptor any more
             log.warning("loop.watchdog_traceback_off", error=str(exc))
             self.traceback_s = 0.0
             return
@@ -244,8 +258,9 @@ class LoopWatchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.beat_s):
+            now = time.monotonic()  # before reading _due: a heartbeat in between only moves it later
             due = self._due
-            late = time.monotonic() - due
+            late = now - due
             if late >= self.stall_s and due != self._reported_due:
                 self._reported_due = due
                 log.warning("loop.stalled", stalled_s=round(late, 3), stack=self._stack())

@@ -94,6 +94,17 @@ def test_dataclasses_are_frozen_and_slotted() -> None:
         assert not hasattr(obj, "__dict__")
 
 
+def test_watchdog_and_idle_compaction_can_be_turned_off() -> None:
+    """0 turns the loop watchdog, its tracebacks and idle compaction off; the edges of the ranges are accepted."""
+    cfg = parse(with_section("log", "loop_stall_s = 0\nloop_stall_traceback_s = 0"))
+    assert (cfg.log.loop_stall_s, cfg.log.loop_stall_traceback_s) == (0.0, 0.0)
+    cfg = parse(with_section("log", "loop_stall_s = 0.1\nloop_stall_traceback_s = 1"))
+    assert (cfg.log.loop_stall_s, cfg.log.loop_stall_traceback_s) == (0.1, 1.0)
+    cfg = parse(with_section("log", "loop_stall_s = 3600\nloop_stall_traceback_s = 86400"))
+    assert (cfg.log.loop_stall_s, cfg.log.loop_stall_traceback_s) == (3600.0, 86400.0)
+    assert parse(with_section("store", "idle_compact_s = 0")).store.idle_compact_s == 0.0
+
+
 def test_integers_accepted_for_seconds() -> None:
     """Reads an integer given for a seconds key as a float."""
     cfg = parse(with_section("log", "stats_interval_s = 5"))
@@ -283,6 +294,15 @@ def test_wrong_type_rejected(section: str, body: str, key: str) -> None:
         ("store", "compact_threshold = 9", "store.compact_threshold"),
         ("log", "level = 'verbose'", "log.level"),
         ("log", "stats_interval_s = 0", "log.stats_interval_s"),
+        ("log", "loop_stall_s = -1", "log.loop_stall_s"),
+        ("log", "loop_stall_s = 0.001", "log.loop_stall_s"),
+        ("log", "loop_stall_s = 1e10", "log.loop_stall_s"),
+        ("log", "loop_stall_s = nan", "log.loop_stall_s"),
+        ("log", "loop_stall_traceback_s = 0.5", "log.loop_stall_traceback_s"),
+        ("log", "loop_stall_s = 10\nloop_stall_traceback_s = 5", "log.loop_stall_traceback_s"),
+        ("log", "loop_stall_traceback_s = 1e10", "log.loop_stall_traceback_s"),
+        ("store", "idle_compact_s = -1", "store.idle_compact_s"),
+        ("store", "idle_compact_s = inf", "store.idle_compact_s"),
     ],
 )
 def test_out_of_range_rejected(section: str, body: str, key: str) -> None:

@@ -116,11 +116,30 @@ async def test_watchdog_without_tracebacks_writes_none(traceback_file: TextIO) -
     assert traceback_file.read() == ""
 
 
-def test_watchdog_refuses_bad_thresholds() -> None:
+async def test_watchdog_writes_no_traceback_while_the_loop_turns(traceback_file: TextIO) -> None:
+    """traceback_s as short as allowed (stall_s): the heartbeats re-arm the timer in time, nothing is written."""
+    wd = LoopWatchdog(0.2, traceback_s=0.2, traceback_file=traceback_file)
+    with structlog.testing.capture_logs():
+        wd.start()
+        try:
+            for _ in range(50):  # 1 s of short steps
+                await asyncio.sleep(0.02)
+        finally:
+            wd.stop()
+    traceback_file.seek(0)
+    assert traceback_file.read() == "" and wd.stalls == 0
+
+
+def test_watchdog_refuses_bad_thresholds(traceback_file: TextIO) -> None:
     with pytest.raises(ValueError, match="stall_s"):
         LoopWatchdog(0)
-    with pytest.raises(ValueError, match="traceback_s"):
-        LoopWatchdog(1.0, traceback_s=-1)
+    with pytest.raises(ValueError, match="stall_s"):
+        LoopWatchdog(float("nan"))
+    for bad in (-1, 0.5, 1e10):  # negative, shorter than stall_s, beyond faulthandler's timer
+        with pytest.raises(ValueError, match="traceback_s"):
+            LoopWatchdog(1.0, traceback_s=bad, traceback_file=traceback_file)
+    with pytest.raises(ValueError, match="traceback_file"):
+        LoopWatchdog(1.0, traceback_s=2.0)
 
 
 def test_stack_paths_are_relative_to_their_import_root() -> None:
