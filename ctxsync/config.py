@@ -61,6 +61,7 @@ __all__ = [
     "LogLevel",
     "ApiConfig",
     "DiscoveryConfig",
+    "PairingConfig",
     "NodeConfig",
     "PEERS_FILE",
     "PeerConfig",
@@ -465,6 +466,25 @@ class DiscoveryConfig:
             _invalid("discovery.enabled", f"expected a boolean, got {self.enabled!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class PairingConfig:
+    """
+    The ``[pairing]`` section: the listener ``ctxsync invite`` opens for joiners.
+
+    Raises:
+        ConfigError: On construction, if a value is out of range.
+
+    """
+
+    port: int = 0
+    """TCP port of the pairing listener, on ``node.listen``'s host; 0 lets the OS pick one each
+    time it opens. Set one to let it through a firewall, as the sync port is."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            _invalid("pairing.port", f"expected a port number 0-65535, got {self.port!r}")
+
+
 MIN_LOOP_STALL_S = 0.1
 """Smallest ``log.loop_stall_s`` but 0: the heartbeat runs every quarter of it."""
 MAX_LOOP_STALL_S = 3600.0
@@ -592,6 +612,8 @@ class NodeConfig:
     """The ``[api]`` section."""
     discovery: DiscoveryConfig = DiscoveryConfig()
     """The ``[discovery]`` section."""
+    pairing: PairingConfig = PairingConfig()
+    """The ``[pairing]`` section."""
     contexts: ContextsConfig = ContextsConfig()
     """The ``[contexts]`` section."""
     webhooks: WebhooksConfig = WebhooksConfig()
@@ -614,6 +636,8 @@ class NodeConfig:
             )
         if self.listen == self.api and self.listen[1] != 0:
             _invalid("node.api", f"must differ from node.listen, both are {format_hostport(*self.api)}")
+        if self.pairing.port and self.pairing.port in (self.listen[1], self.api[1]):
+            _invalid("pairing.port", f"must differ from the ports of node.listen and node.api, got {self.pairing.port}")
         _check_unique_peers(self.peers)
 
     def peer(self, node_id: str) -> PeerConfig | None:
@@ -754,12 +778,13 @@ _SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
     "api": ApiConfig,
     "discovery": DiscoveryConfig,
+    "pairing": PairingConfig,
     "contexts": ContextsConfig,
     "webhooks": WebhooksConfig,
 }
 _SECTION_FIELDS = {
     "sync": "sync", "store": "store", "log": "log", "api": "api_settings", "discovery": "discovery",
-    "contexts": "contexts", "webhooks": "webhooks",
+    "pairing": "pairing", "contexts": "contexts", "webhooks": "webhooks",
 }  # fmt: skip
 
 
@@ -820,6 +845,7 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
     log = reader.build(LogConfig, sections["log"])
     api_settings = reader.build(ApiConfig, sections["api"])
     discovery = reader.build(DiscoveryConfig, sections["discovery"])
+    pairing = reader.build(PairingConfig, sections["pairing"])
     contexts = reader.build(ContextsConfig, sections["contexts"])
     webhooks = reader.build(WebhooksConfig, sections["webhooks"])
     if listen == api and listen[1] != 0:
@@ -836,6 +862,7 @@ def parse(toml_text: str, env: Mapping[str, str] | None = None, *, path: str | N
         "log": log,
         "api_settings": api_settings,
         "discovery": discovery,
+        "pairing": pairing,
         "contexts": contexts,
         "webhooks": webhooks,
         "alerts": parse_rules(raw.get("alert", []), path=path),

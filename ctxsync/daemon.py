@@ -129,10 +129,11 @@ class Daemon:
             raise ConfigError("cannot tell which address the joiner should dial: give one (`ctxsync invite --addr HOST`)")
         try:
             token, expires_at = await self.pairing.invite(
-                host=listen_host, port=0, ttl_s=ttl_s, contexts=contexts, read_only=read_only
+                host=listen_host, port=self.config.pairing.port, ttl_s=ttl_s, contexts=contexts, read_only=read_only
             )
         except OSError as exc:
-            raise ConfigError(f"cannot open the pairing listener on {listen_host}: {exc.strerror or exc}") from None
+            where = config.format_hostport(listen_host, self.config.pairing.port) if self.config.pairing.port else listen_host
+            raise ConfigError(f"cannot open the pairing listener on {where}: {exc.strerror or exc}", key="pairing.port") from None
         token = dataclasses.replace(token, host=host)
         return {
             "token": encode_token(token),

@@ -20,6 +20,7 @@ from ctxsync.config import (
     DiscoveryConfig,
     LogConfig,
     NodeConfig,
+    PairingConfig,
     PeerConfig,
     StoreConfig,
     SyncConfig,
@@ -105,6 +106,15 @@ def test_watchdog_and_idle_compaction_can_be_turned_off() -> None:
     assert parse(with_section("store", "idle_compact_s = 0")).store.idle_compact_s == 0.0
 
 
+def test_pairing_port_must_not_be_the_sync_or_api_port() -> None:
+    """[pairing] port defaults to 0 (any), and may not take node.listen's or node.api's port."""
+    assert parse(MINIMAL).pairing.port == 0
+    listen_port = parse(MINIMAL).listen[1]
+    with pytest.raises(ConfigError) as exc_info:
+        parse(with_section("pairing", f"port = {listen_port}"))
+    assert exc_info.value.key == "pairing.port"
+
+
 def test_integers_accepted_for_seconds() -> None:
     """Reads an integer given for a seconds key as a float."""
     cfg = parse(with_section("log", "stats_interval_s = 5"))
@@ -133,6 +143,7 @@ NON_DEFAULT = NodeConfig(
     log=LogConfig(level="debug", stats_interval_s=0.001),
     api_settings=ApiConfig(allow_remote=True),
     discovery=DiscoveryConfig(enabled=False),
+    pairing=PairingConfig(port=47998),
     contexts=ContextsConfig(history_limit=7, snapshot_every=0, snapshot_keep=3),
     webhooks=WebhooksConfig(max_attempts=2, backoff_s=0.25, max_backoff_s=0.5, timeout_s=1.5, batch_max=9),
     alerts=(
@@ -154,10 +165,10 @@ def test_round_trip_every_key() -> None:
     """Writes every key of every section, each of which reads back unchanged."""
     text = dump_node(NON_DEFAULT)
     doc = tomllib.loads(text)
-    assert set(doc) == {"node", "sync", "store", "log", "api", "discovery", "contexts", "webhooks", "alert"}
+    assert set(doc) == {"node", "sync", "store", "log", "api", "discovery", "pairing", "contexts", "webhooks", "alert"}
     assert [a["name"] for a in doc["alert"]] == [r.name for r in NON_DEFAULT.alerts] + ["rss"]
     assert set(doc["node"]) == {"name", "listen", "api"}
-    for section, attr in (("sync", "sync"), ("store", "store"), ("log", "log"), ("api", "api_settings"), ("discovery", "discovery")):
+    for section, attr in (("sync", "sync"), ("store", "store"), ("log", "log"), ("api", "api_settings"), ("discovery", "discovery"), ("pairing", "pairing")):
         value = getattr(NON_DEFAULT, attr)
         assert set(doc[section]) == {f.name for f in dataclasses.fields(value)}
         assert doc[section] == dataclasses.asdict(value)
@@ -303,6 +314,9 @@ def test_wrong_type_rejected(section: str, body: str, key: str) -> None:
         ("log", "loop_stall_traceback_s = 1e10", "log.loop_stall_traceback_s"),
         ("store", "idle_compact_s = -1", "store.idle_compact_s"),
         ("store", "idle_compact_s = inf", "store.idle_compact_s"),
+        ("pairing", "port = -1", "pairing.port"),
+        ("pairing", "port = 65536", "pairing.port"),
+        ("pairing", "port = true", "pairing.port"),
     ],
 )
 def test_out_of_range_rejected(section: str, body: str, key: str) -> None:

@@ -106,6 +106,40 @@ def test_invite_failures_are_clear(make_node: MakeNode) -> None:
     assert {"used", "expired", "wrong_secret"} <= set(reasons)
 
 
+def test_pairing_listener_on_the_configured_port(make_node: MakeNode) -> None:
+    """
+    ``[pairing] port``: invites are served on that port (a firewall can let it through); a port
+    already taken fails the invite with a message naming it, and the daemon runs on.
+    """
+    import socket
+
+    from tests.integration.nodes import free_ports
+
+    a, b, c = make_node("a"), make_node("b"), make_node("c")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = free_ports(1)[0]
+        for node, configured in ((a, port), (c, taken.getsockname()[1])):
+            cfg = node.home / "config.toml"
+            text = cfg.read_text()
+            assert "[pairing]\nport = 0\n" in text  # init writes the default
+            cfg.write_text(text.replace("[pairing]\nport = 0\n", f"[pairing]\nport = {configured}\n"))
+            node.start()
+        token = decode_token(invite(a))
+        assert token.port == port
+        assert decode_token(invite(a)).port == token.port  # the listener stays on it
+        b.start()
+        b.cli("join", encode_token(token))
+        wait_for(lambda: b.node_id in peers_of(a))
+        busy = c.cli("invite", "--addr", "127.0.0.1", check=False)
+        assert busy.returncode == 1 and f"cannot open the pairing listener on 127.0.0.1:{taken.getsockname()[1]}" in busy.stderr
+        assert c.status()["node_id"] == c.node_id  # still running
+    finally:
+        taken.close()
+
+
 def test_join_without_running_inviter_fails_clearly(make_node: MakeNode) -> None:
     """Joining when the inviter is down says it cannot reach it; invite needs the daemon."""
     a, b = make_node("a"), make_node("b")
