@@ -38,7 +38,8 @@ What :func:`serve` does with one connection:
   rules: a higher clock wins) and what changed is sent to every client of the context here,
   the sender included, as y-websocket does (its JS client counts the echo as a sign of life).
   Awareness never reaches the peers or the store. When a client disconnects, the others get its
-  states as ``null``.
+  states as ``null``; so do they for a state not renewed for :data:`AWARENESS_TIMEOUT_S` (30 s,
+  y-protocols' ``outdatedTimeout``).
 - Remote bytes are hostile: a malformed message (1003) or a refused update (1008) closes only
   that connection and is logged as ``yjs.refused``; pycrdt panics (``BaseException``) are caught.
 
@@ -92,6 +93,11 @@ MAX_AWARENESS_BYTES: Final = 2**20
 """Largest awareness update accepted from a client, in bytes."""
 MAX_AWARENESS_CLIENTS: Final = 10_000
 """Most awareness states (Yjs client ids) kept per context on this daemon."""
+AWARENESS_TIMEOUT_S: Final = 30.0
+"""A state not renewed for this long (seconds) is removed: y-protocols' ``outdatedTimeout``.
+Clients renew their own every 15 s, so only one whose client stopped without leaving goes."""
+AWARENESS_CHECK_S: Final = 3.0
+"""Period of the check for such states, in seconds (y-protocols checks every outdatedTimeout / 10)."""
 MAX_VARUINT: Final = 2**53 - 1
 """Largest varuint read (lib0 refuses more: JavaScript integers are exact up to 2**53 - 1)."""
 
@@ -315,7 +321,9 @@ class AwarenessStates:
     Applies updates with the rules of y-protocols ``applyAwarenessUpdate``: an entry is taken
     when its clock is higher than the one known, or equal with a ``null`` state for a client
     that has one. Each state is owned by the connection that last set it, so the states of a
-    connection can be removed when it goes.
+    connection can be removed when it goes; a state not renewed for
+    :data:`AWARENESS_TIMEOUT_S` is removed by :meth:`expire`, as y-protocols' ``Awareness``
+    (which the y-websocket server runs) removes it after its ``outdatedTimeout``.
 
     Args:
         max_clients: Most states kept; an update that would add more is refused.
@@ -329,10 +337,13 @@ class AwarenessStates:
         self.states: dict[int, bytes] = {}
         """Client id -> its state as JSON text (never ``null``)."""
         self._owners: dict[int, object] = {}
+        self._renewed: dict[int, float] = {}
+        """Client id -> when its state was last taken (``time.monotonic()`` seconds)."""
 
-    def apply(self, entries: Iterable[AwarenessEntry], owner: object) -> list[int]:
+    def apply(self, entries: Iterable[AwarenessEntry], owner: object, *, now: float | None = None) -> list[int]:
         """
-        Apply an update's entries on behalf of ``owner`` (one connection).
+        Apply an update's entries on behalf of ``owner`` (one connection), at ``now``
+        (``time.monotonic()`` seconds; the current time if None).
 
         Returns:
             Client ids whose entry was taken (added, renewed or removed): send
@@ -348,6 +359,7 @@ class AwarenessStates:
         if len(self.clocks) + len(new_ids) > self.max_clients:
             raise EntryError(f"more than {self.max_clients} awareness states in this context")
         changed: list[int] = []
+        now = time.monotonic() if now is None else now
         for e in entries:
             known = self.clocks.get(e.client_id)
             current = 0 if known is None else known
@@ -360,8 +372,10 @@ class AwarenessStates:
             self._owners[e.client_id] = owner
             if gone:
                 self.states.pop(e.client_id, None)
+                self._renewed.pop(e.client_id, None)
             else:
                 self.states[e.client_id] = e.state
+                self._renewed[e.client_id] = now
             if e.client_id not in changed:
                 changed.append(e.client_id)
         return changed
@@ -375,6 +389,25 @@ class AwarenessStates:
     def encode_all(self) -> bytes | None:
         """Encode every state known as one awareness update; None if there is none."""
         return self.encode(list(self.states)) if self.states else None
+
+    def expire(self, now: float, timeout_s: float = AWARENESS_TIMEOUT_S) -> bytes | None:
+        """
+        Remove the states not renewed for ``timeout_s`` seconds up to ``now`` (``time.monotonic()``).
+
+        A client keeps its clock, so a late copy of the old state is still ignored and a renewal
+        (a higher clock) brings it back, as in y-protocols.
+
+        Returns:
+            An awareness update giving the removed states as ``null`` (for every client), or
+            None if none was removed.
+        """
+        old = [c for c in self.states if now - self._renewed.get(c, now) >= timeout_s]
+        if not old:
+            return None
+        for c in old:
+            del self.states[c]
+            self._renewed.pop(c, None)
+        return encode_awareness_update(AwarenessEntry(c, self.clocks[c], b"null") for c in old)
 
     def remove_owner(self, owner: object) -> bytes | None:
         """
@@ -396,6 +429,7 @@ class AwarenessStates:
             self.states.pop(c, None)
             self.clocks.pop(c, None)
             self._owners.pop(c, None)
+            self._renewed.pop(c, None)
         return update
 
 
@@ -509,6 +543,16 @@ class _Room:
     def __init__(self) -> None:
         self.clients: set[_Client] = set()
         self.awareness = AwarenessStates()
+        self.expiry: asyncio.Task[None] | None = None
+        """The task removing states not renewed in time, while the room has clients."""
+
+    async def expire_loop(self) -> None:
+        """Every :data:`AWARENESS_CHECK_S`, remove the states not renewed for :data:`AWARENESS_TIMEOUT_S` and tell every client."""
+        while True:
+            await asyncio.sleep(AWARENESS_CHECK_S)
+            gone = self.awareness.expire(time.monotonic(), AWARENESS_TIMEOUT_S)
+            if gone is not None:
+                self.broadcast(create_awareness_message(gone))
 
     def broadcast(self, message: bytes) -> None:
         for client in list(self.clients):
@@ -545,6 +589,8 @@ async def serve(mesh: Mesh, conn: ServerConnection, doc_id: DocId) -> None:
         return
     rooms = _rooms.setdefault(mesh, {})
     room = rooms.setdefault(doc_id, _Room())
+    if room.expiry is None:
+        room.expiry = asyncio.create_task(room.expire_loop(), name=f"yjs-awareness-{doc_id}")
     client = _Client(conn, doc_id, addr)
     room.clients.add(client)
     handle = mesh.subscribe_updates(doc_id, client.on_update)
@@ -572,6 +618,8 @@ async def serve(mesh: Mesh, conn: ServerConnection, doc_id: DocId) -> None:
             room.broadcast(create_awareness_message(gone))
         if not room.clients and rooms.get(doc_id) is room:
             del rooms[doc_id]
+            if room.expiry is not None:
+                room.expiry.cancel()
         await client.stop()
         if client.closing is not None and reason == "closed":
             reason = client.closing[1]  # closed by the sender side (client too slow)

@@ -158,6 +158,22 @@ def test_awareness_states_follow_y_protocols_clock_rules() -> None:
     assert aw.remove_owner(two) is None
 
 
+def test_awareness_states_not_renewed_in_time_expire() -> None:
+    """expire(): states older than the timeout go (as null, with their clock); renewed ones stay; a renewal brings one back."""
+    aw = AwarenessStates()
+    owner = object()
+    aw.apply([AwarenessEntry(1, 4, b'"old"'), AwarenessEntry(2, 1, b'"b"')], owner, now=100.0)
+    aw.apply([AwarenessEntry(2, 2, b'"b"')], owner, now=120.0)  # 2 renews
+    assert aw.expire(129.9, 30.0) is None
+    gone = aw.expire(130.0, 30.0)
+    assert gone is not None and decode_awareness_update(gone) == (AwarenessEntry(1, 4, b"null"),)
+    assert aw.states == {2: b'"b"'} and aw.expire(130.0, 30.0) is None
+    assert aw.apply([AwarenessEntry(1, 4, b'"old"')], owner, now=131.0) == []  # a late copy: same clock, ignored
+    assert aw.apply([AwarenessEntry(1, 5, b'"back"')], owner, now=131.0) == [1]
+    assert aw.states == {1: b'"back"', 2: b'"b"'}
+    assert aw.remove_owner(owner) is not None and aw.expire(10_000.0, 30.0) is None
+
+
 def test_awareness_states_are_bounded() -> None:
     """An update that would keep more than max_clients states is refused whole."""
     aw = AwarenessStates(max_clients=2)
@@ -328,3 +344,31 @@ async def test_a_client_too_slow_to_read_is_closed_with_1013(
         assert received < 64  # what was queued when it overflowed was dropped
         slow_logs = [e for e in logs if e["event"] == "yjs.disconnected" and "too slow" in e["reason"]]
         assert len(slow_logs) == 1
+
+
+async def test_awareness_of_a_client_that_stops_renewing_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connected client whose state is not renewed within the (shortened) timeout: every client is told it is gone."""
+    monkeypatch.setattr(yjs, "AWARENESS_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(yjs, "AWARENESS_CHECK_S", 0.05)
+    async with endpoint(tmp_path) as (_mesh, base):
+        async with websockets.connect(base + "ctx") as one, websockets.connect(base + "ctx") as two:
+            await handshake(one, Doc())
+            await handshake(two, Doc())
+            stale = encode_awareness_update([AwarenessEntry(77, 1, b'{"user":"gone quiet"}')])
+            await one.send(varuint(1) + varuint(len(stale)) + stale)
+            renewed_at = time.monotonic()
+            assert await next_awareness_states(two) == {77: b'{"user":"gone quiet"}'}
+            assert await next_awareness_states(two) == {77: b"null"}  # one stays connected, but silent
+            assert time.monotonic() - renewed_at >= 0.55
+            assert await next_awareness_states(one) == {77: b'{"user":"gone quiet"}'}  # its own, echoed
+            assert await next_awareness_states(one) == {77: b"null"}
+
+
+async def next_awareness_states(ws: ClientConnection) -> dict[int, bytes]:
+    """Client id -> state (JSON text) of the next awareness message ``ws`` receives; sync messages are skipped."""
+    while True:
+        message = await asyncio.wait_for(ws.recv(), T)
+        assert isinstance(message, bytes)
+        decoded = decode_message(message)
+        if isinstance(decoded, AwarenessMessage):
+            return {e.client_id: e.state for e in decoded.entries}
