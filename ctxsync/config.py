@@ -408,7 +408,7 @@ class StoreConfig:
     """Update log rows per context that trigger a compaction into a checkpoint (>= 10)."""
     idle_compact_s: float = 60.0
     """Seconds a context must go unchanged before its log (from 64 rows) is compacted anyway,
-    so that a restart does not replay it row by row; 0 turns that off."""
+    so that a restart does not replay it row by row: 0 (off) or >= 1."""
     key_file: str = ""
     """File holding the store key (URL-safe base64 of 32 bytes, mode 0600); empty means
     ``store.key`` in the home. A relative path is relative to the home."""
@@ -419,6 +419,8 @@ class StoreConfig:
     def __post_init__(self) -> None:
         _check_number("store.compact_threshold", self.compact_threshold, minimum=MIN_COMPACT_THRESHOLD)
         _check_number("store.idle_compact_s", self.idle_compact_s, minimum=0)
+        if 0 < self.idle_compact_s < 1:
+            _invalid("store.idle_compact_s", f"must be 0 (off) or >= 1, got {self.idle_compact_s!r}")
         if not isinstance(self.key_file, str) or "\x00" in self.key_file:
             _invalid("store.key_file", f"expected a path, got {self.key_file!r}")
         if not isinstance(self.key_env, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)?", self.key_env):

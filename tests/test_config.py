@@ -314,6 +314,7 @@ def test_wrong_type_rejected(section: str, body: str, key: str) -> None:
         ("log", "loop_stall_traceback_s = 1e10", "log.loop_stall_traceback_s"),
         ("store", "idle_compact_s = -1", "store.idle_compact_s"),
         ("store", "idle_compact_s = inf", "store.idle_compact_s"),
+        ("store", "idle_compact_s = 0.5", "store.idle_compact_s"),
         ("pairing", "port = -1", "pairing.port"),
         ("pairing", "port = 65536", "pairing.port"),
         ("pairing", "port = true", "pairing.port"),

@@ -226,6 +226,51 @@ async def test_compaction_due_for_a_log_left_alone(tmp_path: Path) -> None:
     assert len(loaded[CTX].updates) == 1 and len(loaded[DocId("big")].updates) == 101
 
 
+async def test_compaction_keeps_a_log_row_that_builds_on_a_missing_update(tmp_path: Path) -> None:
+    """A row whose dependency the store lacks (dropped while the store failed) would stay pending in
+    the replay and be left out of the checkpoint: the compaction fails, counted, and keeps the log."""
+    path, writer = tmp_path / "store.db", Writer()
+    first, missing, later = writer.set("x", "1"), writer.set("y", "2"), writer.set("z", "3")
+    async with Store(path) as store:
+        await store.append(CTX, 1, first)
+        await store.append(CTX, 3, later)  # builds on `missing` (the same client's clock 1)
+        assert await store.compact(CTX) is False
+        stats = store.stats()
+        assert stats.compaction_failures == 1 and "does not hold" in (stats.last_compaction_error or "")
+        assert log_rows(path) == 2 and not store.compaction_due(CTX, 1)  # not tried again until it grows
+        await store.append(CTX, 2, missing)  # the update comes back (from a peer's resync)
+        assert not store.compaction_due(CTX, 1)  # idle compaction waits for compact_threshold more rows
+        assert await store.compact(CTX) is True  # an explicit one goes ahead: nothing is missing now
+        (loaded,) = await store.load_all()
+    assert len(loaded.updates) == 1
+    assert_same(rebuild(loaded.updates), writer)
+
+
+async def test_failed_checkpoint_write_is_counted_and_not_retried_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SQLite error while writing the checkpoint: StoreError, a counted failure, the log kept, and
+    compaction_due false until the log grows by compact_threshold rows."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
+    path, writer = tmp_path / "store.db", Writer()
+    async with Store(path, compact_threshold=10) as store:
+        for version in range(1, 10):
+            await store.append(CTX, version, writer.set(f"k{version}", "v"))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+        try:
+            with pytest.raises(StoreError, match="cannot write the checkpoint"):
+                await store.compact(CTX)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        stats = store.stats()
+        assert stats.compaction_failures == 1 and stats.compactions == 0
+        assert log_rows(path) == 9 and not store.compaction_due(CTX, 1)
+        (loaded,) = await store.load_all()
+    assert_same(rebuild(loaded.updates), writer)
+
+
 class ToyCipher:
     name = "toy"
 

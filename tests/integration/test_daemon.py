@@ -338,7 +338,7 @@ def test_event_loop_stall_is_logged_counted_and_exported(make_node: MakeNode) ->
 
 def test_a_context_left_alone_is_compacted_and_reloads_whole(make_node: MakeNode) -> None:
     """
-    With ``[store] idle_compact_s = 0.5``: a context written 80 times (80 log rows) and then
+    With ``[store] idle_compact_s = 1``: a context written 80 times (80 log rows) and then
     left alone is merged into its checkpoint, so a restart does not replay it row by row; one
     written 10 times keeps its log (under 64 rows). After a restart every value is there.
     """
@@ -348,7 +348,7 @@ def test_a_context_left_alone_is_compacted_and_reloads_whole(make_node: MakeNode
 
     a = make_node("a")
     cfg = a.home / "config.toml"
-    cfg.write_text(cfg.read_text().replace("idle_compact_s = 60.0", "idle_compact_s = 0.5"))
+    cfg.write_text(cfg.read_text().replace("idle_compact_s = 60.0", "idle_compact_s = 1.0"))
     a.start()
     with SyncClient.for_home(a.home, env=a.env) as client:
         for i in range(80):  # one at a time: a version, and a log row, each
