@@ -60,6 +60,7 @@ from ctxsync.errors import (
     RemoteProtocolError,
     UpdateNotReady,
 )
+from ctxsync.metrics import trim_memory
 from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
 from ctxsync.store import LEGACY_LINEAGE, Store
@@ -171,7 +172,14 @@ class Context:
 
 
 GC_PAUSE_BYTES = 256 * 1024
-"""Updates at least this large (bytes) are applied with Python's cyclic garbage collector paused."""
+"""Updates at least this large (bytes) are applied with Python's cyclic garbage collector paused,
+and are followed by a trim of the C heap (:data:`TRIM_AFTER_LARGE_S`)."""
+TRIM_AFTER_LARGE_S = 0.5
+"""Seconds after the last large update was applied before the C heap's free memory is given back
+(:func:`ctxsync.metrics.trim_memory`). Applying a 100,000-key update allocates and frees
+about 85 MiB at once, and its history records are freed once the store has committed them
+(a fraction of a second later); the daemon's periodic trim (every ``log.stats_interval_s``)
+would give that back only later."""
 
 
 @contextlib.contextmanager
@@ -372,6 +380,7 @@ class Mesh:
         """Why the store last failed, while updates wait to be stored; None when healthy."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server_ctx: ssl.SSLContext | None = None
+        self._trim: asyncio.TimerHandle | None = None
         self._stopping = False
         self.updates_received = 0
         self.updates_sent = 0
@@ -405,6 +414,8 @@ class Mesh:
                 st.dial_task.cancel()
         sessions = [st.session for st in self.peers.values() if st.session]
         await asyncio.gather(*(s.close("node stopping") for s in sessions), return_exceptions=True)
+        if self._trim is not None:
+            self._trim.cancel()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -856,7 +867,23 @@ class Mesh:
             for client, end in summary.state_vector.items():
                 if known.get(client, 0) < end:
                     known[client] = end
+        if len(update) >= GC_PAUSE_BYTES:
+            self._trim_soon()
         return ctx.take_update()
+
+    def _trim_soon(self) -> None:
+        """Give the C heap's free memory back :data:`TRIM_AFTER_LARGE_S` after the last large update (debounced)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # applied outside an event loop (tests, tools): nothing to schedule on
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = loop.call_later(TRIM_AFTER_LARGE_S, self._trim_now)
+
+    def _trim_now(self) -> None:
+        self._trim = None
+        trim_memory()
 
     def _rebuild(self, ctx: Context, reason: str) -> None:
         """Replace a context whose document may be half-updated by its stored state, then resync it."""

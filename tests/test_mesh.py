@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -349,6 +350,41 @@ async def test_ingest_checks_against_a_state_bound_and_falls_back_to_the_exact_s
     assert a.ingest(nb.node_id, doc, [sent[-1]]).missing is True
     assert a.ingest(nb.node_id, doc, [skipped, sent[-1]]).missing is False
     assert value(a, "ctx", "x") == "2"
+    entries.close()
+
+
+async def test_a_large_update_is_followed_by_one_trim_of_the_heap(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applying updates of GC_PAUSE_BYTES or more schedules one heap trim TRIM_AFTER_LARGE_S after the last; small ones none."""
+    import pycrdt
+
+    from ctxsync import mesh as mesh_module
+    from ctxsync.entries import Clock, EntryMap
+
+    trims: list[float] = []
+    monkeypatch.setattr(mesh_module, "trim_memory", lambda: trims.append(time.monotonic()) or True)
+    monkeypatch.setattr(mesh_module, "TRIM_AFTER_LARGE_S", 0.2)
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    doc = DocId("big")
+    replica: pycrdt.Doc[object] = pycrdt.Doc()
+    entries = EntryMap(replica, nb.node_id, Clock())
+    sent: list[bytes] = []
+    replica.observe(lambda event: sent.append(event.update))
+    entries.set("small", "1")
+    assert a.ingest(nb.node_id, doc, [sent[-1]]).missing is False
+    for part in range(2):  # two large updates in a row: one trim, after the second
+        entries.set_many([(f"k{part}-{i:05d}", '"' + "v" * 40 + '"') for i in range(3000)])
+        assert len(sent[-1]) >= mesh_module.GC_PAUSE_BYTES
+        applying = time.monotonic()
+        assert a.ingest(nb.node_id, doc, [sent[-1]]).missing is False
+    assert trims == []
+    await wait_until(lambda: len(trims) == 1, 5)
+    assert trims[0] - applying >= 0.19  # counted from the second one
+    entries.set("small", "2")
+    assert a.ingest(nb.node_id, doc, [sent[-1]]).missing is False
+    assert a._trim is None and len(trims) == 1  # a small one schedules nothing
     entries.close()
 
 
