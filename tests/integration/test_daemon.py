@@ -322,6 +322,7 @@ def test_event_loop_stall_is_logged_counted_and_exported(make_node: MakeNode) ->
     assert all(e["level"] == "warning" and e["stalled_s"] >= 0.1 for e in stalled + resumed)
     assert any(any(frame.startswith("ctxsync/") for frame in e["stack"]) for e in stalled), stalled
     assert max(e["stalled_s"] for e in resumed) >= 1.0 and node["last_loop_stall_s"] >= 0.1
+    assert "loop stalls " in a.cli("status").stdout  # the table says so too
     wait_for(lambda: a.events("node.stats")[-1]["loop_stalls_total"] >= 1)
     token = (a.home / "api.token").read_text().strip()
     req = urllib.request.Request(f"http://127.0.0.1:{a.api_port}/metrics", headers={"Authorization": f"Bearer {token}"})
