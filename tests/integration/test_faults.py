@@ -82,6 +82,17 @@ def events_since(node: Node, name: str, since: float) -> list[dict[str, Any]]:
     return [e for e in node.events(name) if ts(e) >= since]
 
 
+def timeline(*nodes: Node) -> str:
+    """Every event of ``nodes`` but the periodic stats, in time order: for a failure's message."""
+    rows = [
+        (e["timestamp"], n.name, e["event"], e.get("reason") or e.get("error") or e.get("stalled_s") or "")
+        for n in nodes
+        for e in n.events()
+        if e["event"] not in ("peer.stats", "node.stats")
+    ]
+    return "\n".join(f"{t[11:23]} {name:<6} {event} {detail}" for t, name, event, detail in sorted(rows))
+
+
 def both_connected(a: Node, b: Node) -> bool:
     return a.connected_to(b) and b.connected_to(a)
 
@@ -323,9 +334,9 @@ def test_delay_and_bandwidth_limit(make_node: MakeNode, dead_addr: str) -> None:
         print(f"rtt_ms {rtts()}")
         wait_for(lambda: in_sync(a, "slow") and in_sync(b, "slow"))
         for n in (a, b):
-            assert not n.events("peer.disconnected"), n.events("peer.disconnected")
+            assert not n.events("peer.disconnected"), timeline(a, b)
             bad = [e for e in n.events() if e["level"] in ("warning", "error")]
-            assert not bad, bad
+            assert not bad, timeline(a, b)
 
 
 # -- 5. reset of a live connection during a stream of writes ----------------------------
