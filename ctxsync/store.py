@@ -896,8 +896,9 @@ class Store:
 
     def compaction_due(self, doc_id: DocId, min_rows: int) -> bool:
         """
-        Tell whether :meth:`compact` is worth calling for a context that is not being written:
-        its log has at least ``min_rows`` rows since the checkpoint, it is large enough next to
+        Tell whether a context's log is worth compacting (the automatic compaction after a
+        commit asks with ``compact_threshold + 1``, idle compaction with 64): it has at least
+        ``min_rows`` rows since the checkpoint, it is large enough next to
         the checkpoint (the rule of automatic compactions, so a big context is not replayed for
         a few rows), and no compaction of it failed since its log last grew by
         ``compact_threshold`` rows.
@@ -1121,8 +1122,7 @@ class Store:
         self._resolve(outcomes)
         close = next((op for op in ops if op.kind == "close"), None)
         for doc_id in {a.doc_id for a in appends} if close is None else ():
-            rows = self._log_rows.get(doc_id, 0)
-            if rows > self.compact_threshold and rows >= self._retry_at.get(doc_id, 0) and self._log_is_large(doc_id):
+            if self.compaction_due(doc_id, self.compact_threshold + 1):  # more rows than the threshold
                 try:
                     self._compact_now(conn, doc_id)
                 except StoreError:
