@@ -450,9 +450,8 @@ class Api:
         since = _opt_int(req, "since", minimum=0)
         limit = _opt_int(req, "limit", minimum=1) or 100
         page = await self.mesh.store.read_history(doc_id, since=since, key=key, limit=min(limit, 100_000))
-        ctx = self.mesh.contexts.get(doc_id)
         body = ",".join(_history_json(r) for r in page.records)
-        head = {"context": doc_id, "version": ctx.version if ctx else 0, "history_from": page.history_from}
+        head = {"context": doc_id, "version": self.mesh.version_of(doc_id), "history_from": page.history_from}
         return self._ok(req_id, raw=_dump_raw(head, {"records": f"[{body}]"}))
 
     async def _op_changes(self, conn: ServerConnection, req_id: Any, req: dict[str, Any]) -> str:
@@ -473,8 +472,7 @@ class Api:
         floor = self.mesh.unstored_from(doc_id)
         if floor is not None:  # a version is waiting for its commit: stop before it (see there)
             records = [r for r in records if r.version < floor]
-        ctx = self.mesh.contexts.get(doc_id)
-        version = ctx.version if ctx else 0
+        version = self.mesh.version_of(doc_id)
         truncated = since + 1 < page.history_from and since < version
         # The cursor moves to the last version returned, never further: the in-memory version
         # may be ahead of what the store has committed, and skipping it would lose changes.
@@ -508,7 +506,7 @@ class Api:
         doc_id = _doc_id(req)
         name = req.get("name")
         if name is None:
-            ctx = self.mesh.contexts.get(doc_id)
+            ctx = self.mesh.context(doc_id)
             if ctx is None:
                 raise NotFound(f"no context {doc_id!r}")
             return self._ok(req_id, ctx.entries.strategy.to_json())

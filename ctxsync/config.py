@@ -409,6 +409,9 @@ class StoreConfig:
     idle_compact_s: float = 60.0
     """Seconds a context must go unchanged before its log (from 64 rows) is compacted anyway,
     so that a restart does not replay it row by row: 0 (off) or >= 1."""
+    unload_idle_s: float = 600.0
+    """Seconds a context must go unread, unwritten and unsynced before its document is unloaded
+    from memory (loaded back from the store when next needed): 0 (off) or >= 1."""
     key_file: str = ""
     """File holding the store key (URL-safe base64 of 32 bytes, mode 0600); empty means
     ``store.key`` in the home. A relative path is relative to the home."""
@@ -421,6 +424,9 @@ class StoreConfig:
         _check_number("store.idle_compact_s", self.idle_compact_s, minimum=0)
         if 0 < self.idle_compact_s < 1:
             _invalid("store.idle_compact_s", f"must be 0 (off) or >= 1, got {self.idle_compact_s!r}")
+        _check_number("store.unload_idle_s", self.unload_idle_s, minimum=0)
+        if 0 < self.unload_idle_s < 1:
+            _invalid("store.unload_idle_s", f"must be 0 (off) or >= 1, got {self.unload_idle_s!r}")
         if not isinstance(self.key_file, str) or "\x00" in self.key_file:
             _invalid("store.key_file", f"expected a path, got {self.key_file!r}")
         if not isinstance(self.key_env, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)?", self.key_env):

@@ -114,6 +114,10 @@ class StoreCorrupt(StoreError):
     """The store cannot be read. It is kept as it is; nothing is deleted or overwritten."""
 
 
+class ContextLoadFailed(StoreError):
+    """A context unloaded from memory could not be read back from the store; it stays unloaded."""
+
+
 class EntryError(CtxSyncError, ValueError):
     """A context name, key or value is invalid (empty, too long, not JSON, too large)."""
 

@@ -49,6 +49,7 @@ from ctxsync.config import NodeConfig, PeerConfig, format_hostport
 from ctxsync.crypto import client_tls_context, node_id_from_cert, server_tls_context
 from ctxsync.entries import Clock, Entry, EntryMap, Slot, Strategy, validate_key
 from ctxsync.errors import (
+    ContextLoadFailed,
     ContextRebuilding,
     CryptoError,
     EntryError,
@@ -65,15 +66,28 @@ from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
 from ctxsync.store import LEGACY_LINEAGE, Store
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
-from ctxsync.yupdate import InvalidUpdate, MissingDependencies, UpdateSummary, check_update, decode_state_vector
+from ctxsync.yupdate import (
+    DeleteSet,
+    InvalidUpdate,
+    MissingDependencies,
+    UpdateSummary,
+    check_update,
+    decode_delete_set,
+    decode_state_vector,
+    delete_set_covers,
+)
 
 log = structlog.get_logger("ctxsync.mesh")
 
 _EMPTY_UPDATE = b"\x00\x00"
 MAX_UNPERSISTED_BYTES = 64 * 1024 * 1024
+"""Updates kept in memory (bytes) while the store fails, to store them once it works again."""
 RTT_WINDOW = 120
 """RTT samples kept per peer for the percentiles (one per websocket pong: 10 minutes at the default 5 s ping)."""
-"""Updates kept in memory (bytes) while the store fails, to store them once it works again."""
+UNLOAD_MAX_STORED_BYTES = 4 * 1024 * 1024
+"""Contexts whose store rows (checkpoint and log) hold more than this many bytes are never
+unloaded (:meth:`Mesh.unload`): loading one back runs on the event loop, at the moment a peer's
+update or a read needs it, and stalls the loop for as long (measured: about XX ms per MiB)."""
 _EMPTY_STATE_VECTOR = b"\x00"
 
 
@@ -139,6 +153,8 @@ class Context:
         dependencies missing, and raised by every checked remote update applied. It never
         exceeds the true state: clocks only grow, a rebuilt context starts without one, and a
         checked update is integrated whole (what :func:`check_update`'s ``state`` is for)."""
+        self.used_at = time.monotonic()
+        """When the context was last read, written or synced here (monotonic seconds; see :meth:`Mesh.unload_idle`)."""
         self._captured: list[bytes] = []
         self._sub = self.doc.observe(self._on_transaction)
         self.entries = EntryMap(self.doc, node_id, clock)
@@ -169,6 +185,33 @@ class Context:
         self._captured.clear()
         self.entries.pop_changes()
         self.entries.pop_new_conflicts()  # conflicts already there were reported when they appeared
+
+
+@dataclass(slots=True)
+class Parked:
+    """
+    What stays in memory of a context unloaded after going unchanged (:meth:`Mesh.unload`):
+    enough to send and answer sync step 1 and to show the context in ``status``, without its
+    document and entry index (measured: about 350 KiB for a context of 300 live entries).
+    """
+
+    lineage: str
+    version: int
+    snapshot_at: int
+    """The context's :attr:`Context.snapshot_at`."""
+    state_vector: bytes
+    """The document's encoded Yjs state vector (``Doc.get_state()``) when it was unloaded."""
+    clocks: dict[int, int]
+    """The same, decoded: client id -> next clock."""
+    delete_set: bytes
+    """A Yjs v1 update with no structs and the document's whole delete set
+    (``Doc.get_update(state_vector)``): the answer to a sync step 1 from a peer that holds every
+    struct this node holds. A deletion moves no clock, so such a peer may still lack one."""
+    deleted: DeleteSet
+    """The same delete set, decoded: a peer's update with no structs and no deletion outside it
+    brings nothing new, and does not load the context."""
+    summary: dict[str, Any]
+    """The context's fields in :meth:`Mesh.status` (entries, tombstones, strategy, conflicts)."""
 
 
 GC_PAUSE_BYTES = 256 * 1024
@@ -365,6 +408,15 @@ class Mesh:
         self.key_path = key_path
         self.clock = Clock()
         self.contexts: dict[DocId, Context] = {}
+        """The contexts loaded in memory; the others are in :attr:`parked` (see :meth:`unload`)."""
+        self.parked: dict[DocId, Parked] = {}
+        """Contexts unloaded from memory (:meth:`unload`); loaded back when needed."""
+        self._stored_version: dict[DocId, int] = {}
+        """Per context, the highest version the store has committed (what :meth:`Store.load_now` would read)."""
+        self.loads = 0
+        """Unloaded contexts loaded back since start."""
+        self.unloads = 0
+        """Contexts unloaded since start."""
         self.peers: dict[NodeId, PeerState] = {}
         self._subs: set[_Subscription] = set()
         self._registered: set[PeerSession] = set()
@@ -401,6 +453,7 @@ class Mesh:
                     f"({type(exc).__name__}: {exc}); the file is kept as it is"
                 ) from None
             self.contexts[stored.doc_id] = ctx
+            self._stored_version[stored.doc_id] = stored.version
 
     def start_peers(self) -> None:
         """Start a dial loop for every configured peer (call once, inside the running loop)."""
@@ -614,6 +667,9 @@ class Mesh:
         for ctx in self.contexts.values():
             if st.config.shares(ctx.doc_id):
                 session.send_step1(ctx.doc_id, ctx.doc.get_state(), ctx.lineage)
+        for doc_id, parked in self.parked.items():
+            if st.config.shares(doc_id):
+                session.send_step1(doc_id, parked.state_vector, parked.lineage)
 
     def on_session_closed(self, session: PeerSession, reason: str) -> None:
         st = self.peers.get(session.peer_id)
@@ -636,7 +692,10 @@ class Mesh:
                 st.protocol_errors += 1
 
     def resync_update(self, session: PeerSession, doc_id: DocId) -> bytes | None:
-        ctx = self.contexts.get(doc_id)
+        try:
+            ctx = self._loaded(doc_id)
+        except ContextLoadFailed:  # logged; the next reconnect's sync step 1 tries again
+            return None
         if ctx is None:
             return None
         return ctx.doc.get_update(session.remote_state_vectors.get(doc_id, _EMPTY_STATE_VECTOR))
@@ -647,6 +706,14 @@ class Mesh:
             return  # a closing duplicate or a removed peer: ignore
         if not isinstance(message, (SyncStep1, SyncStep2, SyncUpdate)):
             raise RemoteProtocolError(f"unexpected {type(message).__name__}")
+        try:
+            self._on_sync_message(session, st, message)
+        except ContextLoadFailed:
+            # An unloaded context could not be read back (logged as context.load_failed): the
+            # message is dropped, the peer's next sync step 1 or reconnect brings it again.
+            log.debug("sync.dropped", peer_id=session.peer_id, doc_id=message.doc_id, reason="context not loadable")
+
+    def _on_sync_message(self, session: PeerSession, st: PeerState, message: SyncStep1 | SyncStep2 | SyncUpdate) -> None:
         doc_id = message.doc_id
         if not st.config.shares(doc_id):
             # Asking (step 1) is how a one-sided share shows up; sending content is a refusal.
@@ -656,18 +723,21 @@ class Mesh:
         if isinstance(message, SyncStep1):
             self._on_step1(session, st, message)
             return
-        ctx = self.contexts.get(doc_id)
-        if ctx is None or not self._lineage_matches(st, ctx):
-            if ctx is None and doc_id not in session.step1_sent_at:
+        lineage = self._lineage_of(doc_id)
+        if lineage is None or st.remote_lineage.get(doc_id, lineage) != lineage:
+            if lineage is None and doc_id not in session.step1_sent_at:
                 # Content before the peer's step 1 (which names the lineage): ask it to say it.
                 session.send_step1(doc_id, _EMPTY_STATE_VECTOR, "")
             log.debug("sync.dropped", peer_id=session.peer_id, doc_id=doc_id, reason="lineage unknown or different")
             return
         updates = [message.update] if isinstance(message, SyncStep2) else list(message.updates)
+        parked = self.parked.get(doc_id)
         if not st.config.accepts_writes(doc_id):
             if any(u != _EMPTY_UPDATE for u in updates):
                 reason = "read-only peer" if st.config.read_only else "read-only context"
                 log.warning("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason=reason)
+        elif parked is not None and all(_brings_nothing(parked, u) for u in updates):
+            pass  # e.g. the answer to a reconnect's step 1 when nothing changed: the context stays unloaded
         else:
             origin_ms = message.origin_ms if isinstance(message, SyncUpdate) else 0
             self._apply_remote(session, doc_id, updates, origin_ms)
@@ -690,8 +760,26 @@ class Mesh:
         """Answer a peer's sync step 1, unless its lineage of the context differs from ours."""
         doc_id, lineage = message.doc_id, message.lineage
         ctx = self.contexts.get(doc_id)
+        parked = self.parked.get(doc_id) if ctx is None else None
         if lineage:
             st.remote_lineage[doc_id] = lineage
+        if parked is not None:
+            if lineage and lineage != parked.lineage:
+                self._report_mismatch(session, doc_id, parked.lineage, lineage)
+                return
+            session.remote_state_vectors[doc_id] = message.state_vector
+            try:
+                theirs = decode_state_vector(message.state_vector)
+            except InvalidUpdate as exc:
+                raise RemoteProtocolError(f"invalid state vector for {doc_id}: {exc}") from None
+            if all(theirs.get(client, 0) >= clock for client, clock in parked.clocks.items()):
+                # The peer has every struct this node has: the answer is the delete set alone,
+                # and the context stays unloaded (it is loaded if the peer sends anything new).
+                if doc_id not in session.step1_sent_at or not lineage:
+                    session.send_step1(doc_id, parked.state_vector, parked.lineage)
+                session.send_step2(doc_id, parked.delete_set)
+                return
+            ctx = self._load_parked(doc_id)
         if ctx is None:
             if not lineage:
                 return  # neither side has it
@@ -704,16 +792,7 @@ class Mesh:
             ctx.lineage_settled = True
             self._announce(ctx)
         elif lineage and lineage != ctx.lineage:
-            if session.lineage_reported.get(doc_id) != lineage:
-                session.lineage_reported[doc_id] = lineage
-                log.warning(
-                    "context.lineage_mismatch",
-                    peer_id=session.peer_id,
-                    doc_id=doc_id,
-                    lineage=ctx.lineage,
-                    peer_lineage=lineage,
-                    hint=f"ctxsync context adopt {doc_id} --from {session.peer_id}",
-                )
+            self._report_mismatch(session, doc_id, ctx.lineage, lineage)
             return
         session.remote_state_vectors[doc_id] = message.state_vector
         try:
@@ -725,6 +804,20 @@ class Mesh:
             # Our step 1 goes first: it names the lineage before any content arrives.
             session.send_step1(doc_id, ctx.doc.get_state(), ctx.lineage)
         session.send_step2(doc_id, answer)
+
+    @staticmethod
+    def _report_mismatch(session: PeerSession, doc_id: DocId, ours: str, theirs: str) -> None:
+        """Log a peer's different lineage of a context, once per session and lineage."""
+        if session.lineage_reported.get(doc_id) != theirs:
+            session.lineage_reported[doc_id] = theirs
+            log.warning(
+                "context.lineage_mismatch",
+                peer_id=session.peer_id,
+                doc_id=doc_id,
+                lineage=ours,
+                peer_lineage=theirs,
+                hint=f"ctxsync context adopt {doc_id} --from {session.peer_id}",
+            )
 
     @staticmethod
     def _lineage_matches(st: PeerState, ctx: Context) -> bool:
@@ -783,6 +876,8 @@ class Mesh:
         return None
 
     def _durable(self, p: _Pending) -> None:
+        if p.version > self._stored_version.get(p.doc_id, 0):
+            self._stored_version[p.doc_id] = p.version
         for hook in self.on_durable:
             try:
                 hook(p.doc_id, p.version)
@@ -820,7 +915,7 @@ class Mesh:
                 updates before it in ``updates`` stay applied (they were valid).
         """
         limit = self.config.sync.max_message_bytes
-        ctx = self.contexts.get(doc_id)
+        ctx = self._loaded(doc_id)
         new: list[bytes] = []
         if ctx is not None and ctx.rebuilding:
             return Ingested(new, missing=False)  # the rebuild's resync brings them again
@@ -1002,8 +1097,9 @@ class Mesh:
         Raises:
             NotFound: It is missing and ``create`` is false.
             EntryError: The name is not a valid context name.
+            ContextLoadFailed: It was unloaded and cannot be read back (:meth:`_load_parked`).
         """
-        ctx = self.contexts.get(doc_id)
+        ctx = self._loaded(doc_id)
         if ctx is None:
             if not create:
                 raise NotFound(f"no context {doc_id!r}")
@@ -1082,11 +1178,11 @@ class Mesh:
 
     def _send(self, doc_id: DocId, update: bytes, *, exclude: NodeId | None, origin_ms: int = 0) -> None:
         """Queue ``update`` for every open session sharing ``doc_id`` (and its lineage), except ``exclude``'s."""
-        ctx = self.contexts.get(doc_id)
+        lineage = self._lineage_of(doc_id)
         for pid, st in self.peers.items():
             if pid == exclude or st.session is None or not st.session.is_open:
                 continue
-            if st.config.shares(doc_id) and (ctx is None or self._lineage_matches(st, ctx)):
+            if st.config.shares(doc_id) and (lineage is None or st.remote_lineage.get(doc_id, lineage) == lineage):
                 st.session.send_update(doc_id, update, origin_ms)
                 self.updates_sent += 1
 
@@ -1132,7 +1228,7 @@ class Mesh:
             raise StoreError(
                 f"the store is failing ({self.store_failing}); writes are refused until it recovers (reads still work)"
             )
-        is_new = doc_id not in self.contexts
+        is_new = not self.has_context(doc_id)
         ctx = self._context(doc_id, create=True, announce=False)
         if is_new:
             ctx.unborn = True
@@ -1260,12 +1356,13 @@ class Mesh:
             raise EntryError(
                 f"{st.config.name} has not announced context {doc_id!r} yet; connect to it first (ctxsync status)"
             )
-        old = self.contexts.get(doc_id)
+        old = self._loaded(doc_id)
         if old is not None and old.lineage == lineage:
             raise EntryError(f"context {doc_id!r} already has {st.config.name}'s lineage: nothing to adopt")
         version = old.version if old is not None else 0
         await self.store.reset_context(doc_id, lineage, version)
-        old = self.contexts.get(doc_id)  # the await let other work run
+        self._stored_version[doc_id] = max(self._stored_version.get(doc_id, 0), version)
+        old = self._loaded(doc_id)  # the await let other work run (it may even have been unloaded)
         dropped = len(old.entries) if old is not None else 0
         fresh = Context(doc_id, self.node_id, self.clock, version=old.version if old else version, lineage=lineage)
         fresh.lineage_settled = True
@@ -1288,13 +1385,152 @@ class Mesh:
         found = []
         for pid, st in self.peers.items():
             for doc_id, theirs in sorted(st.remote_lineage.items()):
-                ctx = self.contexts.get(doc_id)
-                if ctx is not None and theirs != ctx.lineage and st.config.shares(doc_id):
+                ours = self._lineage_of(doc_id)
+                if ours is not None and theirs != ours and st.config.shares(doc_id):
                     found.append(
                         {"context": doc_id, "peer_id": pid, "peer_name": st.config.name,
-                         "lineage": ctx.lineage, "peer_lineage": theirs}
+                         "lineage": ours, "peer_lineage": theirs}
                     )  # fmt: skip
         return found
+
+    # -- unloading idle contexts ---------------------------------------------------------
+
+    def has_context(self, doc_id: DocId) -> bool:
+        """Whether this node holds the context, loaded or not."""
+        return doc_id in self.contexts or doc_id in self.parked
+
+    def context_ids(self) -> list[DocId]:
+        """Every context this node holds, loaded or not, sorted."""
+        return sorted(self.contexts.keys() | self.parked.keys())
+
+    def version_of(self, doc_id: DocId) -> int:
+        """A context's local version (0 if this node does not hold it), without loading it."""
+        ctx = self.contexts.get(doc_id)
+        if ctx is not None:
+            return ctx.version
+        parked = self.parked.get(doc_id)
+        return parked.version if parked is not None else 0
+
+    def entry_count(self) -> int:
+        """Live entries of every context, loaded or not."""
+        return sum(len(c.entries) for c in self.contexts.values()) + sum(int(p.summary["entries"]) for p in self.parked.values())
+
+    def context(self, doc_id: DocId) -> Context | None:
+        """
+        A context, loaded back into memory if it was unloaded; None if this node does not hold it.
+
+        Raises:
+            ContextLoadFailed: It was unloaded and cannot be read back (:meth:`_load_parked`).
+        """
+        return self._loaded(doc_id)
+
+    def _lineage_of(self, doc_id: DocId) -> str | None:
+        ctx = self.contexts.get(doc_id)
+        if ctx is not None:
+            return ctx.lineage
+        parked = self.parked.get(doc_id)
+        return parked.lineage if parked is not None else None
+
+    def _loaded(self, doc_id: DocId) -> Context | None:
+        """The context, loaded back if unloaded, marked as used now; None if not held. Raises ContextLoadFailed."""
+        ctx = self.contexts.get(doc_id)
+        if ctx is None:
+            if doc_id not in self.parked:
+                return None
+            ctx = self._load_parked(doc_id)
+        ctx.used_at = time.monotonic()
+        return ctx
+
+    def unload_idle(self, idle_s: float) -> list[DocId]:
+        """
+        :meth:`unload` every context not read, written or synced here for ``idle_s`` seconds.
+
+        Returns:
+            The contexts unloaded.
+        """
+        now = time.monotonic()
+        return [d for d, ctx in list(self.contexts.items()) if now - ctx.used_at >= idle_s and self.unload(d)]
+
+    def unload(self, doc_id: DocId) -> bool:
+        """
+        Drop a loaded context's document and entry index from memory, keeping a :class:`Parked`
+        record (its lineage, version, state vector, delete set and status figures). The store
+        holds the rest; every path that needs the document loads it back first
+        (:meth:`_load_parked`), and a peer's sync step 1 that shows it lacks nothing is answered
+        from the record alone, so reconnects do not load every context.
+
+        A context is kept loaded (and False returned) while: it is not loaded; it is unchanged
+        here (version 0: it may still take a peer's lineage); it is being rebuilt; local
+        writes are queued or committing; a version is not yet committed to the store (or is
+        held for a retry after a store failure); a Yjs client is connected to it (raw update
+        subscribers); or its store rows hold more than :data:`UNLOAD_MAX_STORED_BYTES`.
+
+        Returns:
+            Whether it was unloaded.
+        """
+        ctx = self.contexts.get(doc_id)
+        if (
+            ctx is None
+            or ctx.version == 0
+            or ctx.rebuilding
+            or ctx.unborn
+            or ctx.queued_writes
+            or ctx.write_task is not None
+            or doc_id in self._update_subs
+            or self._stored_version.get(doc_id, 0) < ctx.version
+            or any(p.doc_id == doc_id for p in self._unpersisted)
+            or self.store.stored_bytes(doc_id) > UNLOAD_MAX_STORED_BYTES
+        ):
+            return False
+        state = ctx.doc.get_state()
+        delete_set = ctx.doc.get_update(state)
+        self.parked[doc_id] = Parked(
+            ctx.lineage, ctx.version, ctx.snapshot_at, state, decode_state_vector(state),
+            delete_set, decode_delete_set(delete_set) or {}, _summary(ctx),
+        )  # fmt: skip
+        ctx.close()
+        del self.contexts[doc_id]
+        self.unloads += 1
+        return True
+
+    def _load_parked(self, doc_id: DocId) -> Context:
+        """
+        Load an unloaded context back from the store, on the event loop (:meth:`Store.load_now`),
+        and check that the store holds every struct the context had when it was unloaded.
+
+        Raises:
+            ContextLoadFailed: The read failed, or the store lacks the context or part of it;
+                the context stays unloaded. Logged as ``context.load_failed``.
+        """
+        parked = self.parked[doc_id]
+        started = time.perf_counter()
+        try:
+            stored = self.store.load_now(doc_id)
+            if stored is None or stored.lineage != parked.lineage:
+                found = "nothing" if stored is None else f"lineage {stored.lineage}"
+                raise StoreCorrupt(f"{self.store.path}: context {doc_id!r} was unloaded with lineage {parked.lineage}, the store holds {found}")
+            ctx = Context(doc_id, self.node_id, self.clock, version=parked.version, lineage=parked.lineage)
+            try:
+                ctx.load(stored.updates)
+            except BaseException as exc:
+                _reraise_fatal(exc)
+                ctx.close()
+                raise StoreCorrupt(
+                    f"{self.store.path}: context {doc_id!r}: a stored update cannot be applied ({type(exc).__name__}: {exc})"
+                ) from None
+            have = decode_state_vector(ctx.doc.get_state())
+            if any(have.get(client, 0) < clock for client, clock in parked.clocks.items()):
+                ctx.close()
+                raise StoreCorrupt(f"{self.store.path}: context {doc_id!r}: the store holds less than the context had when it was unloaded")
+        except StoreError as exc:
+            log.error("context.load_failed", doc_id=doc_id, error=str(exc))
+            raise ContextLoadFailed(f"context {doc_id!r} cannot be loaded back from the store: {exc}") from exc
+        ctx.snapshot_at = parked.snapshot_at
+        del self.parked[doc_id]
+        self.contexts[doc_id] = ctx
+        self.loads += 1
+        log.debug("context.loaded", doc_id=doc_id, version=ctx.version, took_ms=round((time.perf_counter() - started) * 1000, 3))
+        return ctx
 
     # -- raw Yjs access (the /yjs endpoint) ----------------------------------------------
 
@@ -1416,8 +1652,8 @@ class Mesh:
         return list(self._context(doc_id, create=False).entries.entries(prefix))
 
     def keys(self, doc_id: DocId, prefix: str = "") -> list[str]:
-        """Live keys of a context, sorted; an unknown context has none."""
-        ctx = self.contexts.get(doc_id)
+        """Live keys of a context, sorted; an unknown context has none. Raises ContextLoadFailed (:meth:`_load_parked`)."""
+        ctx = self._loaded(doc_id)
         return ctx.entries.keys(prefix) if ctx else []
 
     def subscribe(
@@ -1466,11 +1702,11 @@ class Mesh:
         for pid, st in sorted(self.peers.items(), key=lambda kv: kv[1].config.name):
             s = st.session
             open_ = bool(s and s.is_open)
-            shared = [d for d in sorted(self.contexts) if st.config.shares(d)]
+            shared = [d for d in self.context_ids() if st.config.shares(d)]
             contexts: dict[str, Any] = {}
             for d in shared:
                 theirs = st.remote_lineage.get(d)
-                if theirs is not None and theirs != self.contexts[d].lineage:
+                if theirs is not None and theirs != self._lineage_of(d):
                     since = st.out_of_sync_since.setdefault(d, now)
                     contexts[d] = {"in_sync": False, "out_of_sync_s": round(now - since, 3), "lineage_mismatch": True}
                     continue
@@ -1517,20 +1753,41 @@ class Mesh:
         return {
             "node_id": self.node_id,
             "name": self.config.name,
-            "contexts": {
-                d: {
-                    "entries": len(c.entries),
-                    "tombstones": c.entries.tombstones,
-                    "version": c.version,
-                    "lineage": c.lineage,
-                    "strategy": c.entries.strategy.to_json(),
-                    "conflicts": len(c.entries.conflicts()),
-                }
-                for d, c in sorted(self.contexts.items())
-            },
+            "contexts": {d: self._context_status(d) for d in self.context_ids()},
             "lineage_mismatches": self.lineage_mismatches(),
             "peers": peers,
         }
+
+
+    def _context_status(self, doc_id: DocId) -> dict[str, Any]:
+        ctx = self.contexts.get(doc_id)
+        if ctx is not None:
+            return _summary(ctx) | {"loaded": True}
+        parked = self.parked[doc_id]
+        return parked.summary | {"version": parked.version, "lineage": parked.lineage, "loaded": False}
+
+
+def _brings_nothing(parked: Parked, update: bytes) -> bool:
+    """Whether an update holds no struct and no deletion the unloaded context lacks (False if unsure)."""
+    if update == _EMPTY_UPDATE:
+        return True
+    try:
+        theirs = decode_delete_set(update)
+    except InvalidUpdate:
+        return False  # the load and the full check will refuse it
+    return theirs is not None and delete_set_covers(parked.deleted, theirs)
+
+
+def _summary(ctx: Context) -> dict[str, Any]:
+    """A context's entry figures for :meth:`Mesh.status`, kept in :attr:`Parked.summary` while unloaded."""
+    return {
+        "entries": len(ctx.entries),
+        "tombstones": ctx.entries.tombstones,
+        "version": ctx.version,
+        "lineage": ctx.lineage,
+        "strategy": ctx.entries.strategy.to_json(),
+        "conflicts": len(ctx.entries.conflicts()),
+    }
 
 
 class _ApplyFailed(Exception):

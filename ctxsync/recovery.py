@@ -149,8 +149,7 @@ class Recovery:
         if meta is not None and len(json.dumps(meta)) > MAX_META_BYTES:
             raise EntryError(f"metadata is over {MAX_META_BYTES} bytes of JSON")
         entries = {e.key: e.value for e in self.mesh.entries(doc_id)}
-        ctx = self.mesh.contexts[doc_id]
-        return await self._store(doc_id, ctx.version, entries, label=label, meta=meta, auto=auto, reason=reason)
+        return await self._store(doc_id, self.mesh.version_of(doc_id), entries, label=label, meta=meta, auto=auto, reason=reason)
 
     async def _store(
         self,
@@ -246,10 +245,10 @@ class Recovery:
         items: list[tuple[str, str | None]] = [(k, v) for k, v in sorted(snap.entries.items()) if current.get(k) != v]
         items += [(k, None) for k in sorted(current.keys() - snap.entries.keys())]
         if not items:
-            version = self.mesh.contexts[doc_id].version
+            version = self.mesh.version_of(doc_id)
             return {"context": doc_id, "snapshot": snapshot_id, "version": version, "changed": 0, "recovery_point": None}
         point = await self._store(
-            doc_id, self.mesh.contexts[doc_id].version, current, label=f"before restoring {snapshot_id}",
+            doc_id, self.mesh.version_of(doc_id), current, label=f"before restoring {snapshot_id}",
             meta=None, auto=True, reason="before restore",
         )  # fmt: skip
         version, changed = await self.mesh.write(doc_id, items)
@@ -272,7 +271,7 @@ class Recovery:
             As :meth:`Mesh.adopt`; StoreError if the snapshot could not be stored.
         """
         point = None
-        if doc_id in self.mesh.contexts:
+        if self.mesh.has_context(doc_id):
             snap = await self.create(doc_id, label=f"before adopting from {peer_id[:7]}", auto=False, reason="before adopt")
             point = snap["id"]
         result = await self.mesh.adopt(doc_id, peer_id)

@@ -65,6 +65,10 @@ APPLICATION_ID = 0x63747873
 BUSY_TIMEOUT_S = 5.0
 """How long SQLite waits for a lock held by another connection, in seconds."""
 
+READER_TIMEOUT_S = 1.0
+"""Seconds :meth:`Store.load_now` waits for a lock (it runs on the event loop; a WAL reader
+waits only while SQLite recovers the log after a crash)."""
+
 MAX_BATCH = 10_000
 """Most jobs the worker takes from its queue for one transaction."""
 
@@ -412,6 +416,7 @@ class Store:
         self._retry_at: dict[str, int] = {}  # worker only: log rows before retrying a failed compaction
         self._appends = self._commits = self._compactions = self._compaction_failures = 0
         self._last_compaction_error: str | None = None
+        self._reader: sqlite3.Connection | None = None  # event loop thread only: see load_now()
 
     @classmethod
     def check(cls, path: str | Path) -> None:
@@ -490,6 +495,9 @@ class Store:
         if self._state != "open" or self._thread is None:
             return
         self._state = "closing"
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         closed = self._submit(_Op(self._future(), "close"), force=True)
         try:
             await closed
@@ -880,6 +888,43 @@ class Store:
         for stored in await self._call(lambda conn: self._load_all(conn, only=doc_id)):
             return stored
         return None
+
+    def load_now(self, doc_id: DocId) -> StoredContext | None:
+        """
+        Read one context's committed rows on the calling thread (the event loop's), without
+        waiting for the worker: for a context unloaded from memory that is needed again by a
+        synchronous path (a peer's update, a read). Rows still queued for the worker are not
+        seen, so call it only for a context none of whose versions is waiting to be committed.
+
+        Reads go through a second, read-only connection opened on first use. In WAL mode a
+        reader sees the last committed transaction and waits for no writer (a compaction under
+        way on the worker is seen either before or after, never half done), so this blocks the
+        caller only for the read itself: measured about 1 ms per 100 KiB stored.
+
+        Returns:
+            The context's checkpoint and log (as :meth:`load`), or None if it is not stored.
+
+        Raises:
+            StoreCorrupt: If a stored blob cannot be unsealed.
+            StoreError: If the read failed.
+            InvalidState: If the store is not open.
+        """
+        if self._state != "open":
+            raise InvalidState(f"store {self.path} is not open ({self._state})")
+        try:
+            if self._reader is None:
+                reader = sqlite3.connect(self.path, isolation_level=None, timeout=READER_TIMEOUT_S)
+                reader.execute("PRAGMA query_only = ON")
+                self._reader = reader
+            for stored in self._load_all(self._reader, only=doc_id):
+                return stored
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "cannot read the store") from exc
+        return None
+
+    def stored_bytes(self, doc_id: DocId) -> int:
+        """Bytes of a context's checkpoint and log rows (sealed), from counters kept in memory; no I/O."""
+        return self._checkpoint_bytes.get(doc_id, 0) + self._log_bytes.get(doc_id, 0)
 
     async def compact(self, doc_id: DocId) -> bool:
         """

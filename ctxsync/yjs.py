@@ -587,6 +587,10 @@ async def serve(mesh: Mesh, conn: ServerConnection, doc_id: DocId) -> None:
         log.warning("yjs.refused", doc_id=doc_id, client=addr, reason=str(exc))
         await conn.close(CLOSE_REFUSED, "invalid context name")
         return
+    except StoreError as exc:  # unloaded and not readable back (logged as context.load_failed)
+        log.error("yjs.store_failed", doc_id=doc_id, client=addr, error=str(exc))
+        await conn.close(CLOSE_INTERNAL, "the daemon's store failed; try again later")
+        return
     rooms = _rooms.setdefault(mesh, {})
     room = rooms.setdefault(doc_id, _Room())
     if room.expiry is None:

@@ -76,7 +76,7 @@ from .errors import RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH", "InvalidUpdate", "MissingDependencies", "UpdateSummary",
-    "check_update", "decode_state_vector",
+    "check_update", "decode_delete_set", "decode_state_vector", "delete_set_covers",
 ]  # fmt: skip
 
 DEFAULT_MAX_BYTES: Final = 256 * 2**20
@@ -817,3 +817,68 @@ def decode_state_vector(state: bytes) -> dict[int, int]:
     if pos != len(data):
         _fail(f"{len(data) - pos} trailing bytes after the state vector", pos)
     return result
+
+
+DeleteSet = dict[int, list[tuple[int, int]]]
+"""Client id -> its deleted clock ranges ``(clock, length)``, sorted, merged where they touch."""
+
+
+def decode_delete_set(update: bytes) -> DeleteSet | None:
+    """
+    Decode the delete set of a Yjs v1 update that carries no structs (what ``Doc.get_update``
+    returns for a state vector that already has everything: a sync step 2 between two replicas
+    that hold the same structs).
+
+    Args:
+        update: ``varuint 0`` (no struct clients), then the delete set: ``varuint count``, then
+            ``count x (varuint client, varuint n, n x (varuint clock, varuint length))``.
+
+    Returns:
+        The delete set, ranges sorted and merged; None if the update carries structs.
+
+    Raises:
+        InvalidUpdate: If the bytes are not such an update (see :func:`check_update` for a full check).
+    """
+    data = bytes(update)
+    struct_clients, pos = _count(data, 0, "number of struct clients", 2)
+    if struct_clients:
+        return None
+    result: DeleteSet = {}
+    clients, pos = _count(data, pos, "number of delete set clients", 2)
+    for _ in range(clients):
+        client, pos = _client(data, pos, "delete set client")
+        n_ranges, pos = _count(data, pos, "number of delete ranges", 2)
+        ranges = result.setdefault(client, [])
+        for _ in range(n_ranges):
+            clock, pos = _u32(data, pos, "delete range clock")
+            length, pos = _u32(data, pos, "delete range length")
+            ranges.append((clock, length))
+    if pos != len(data):
+        _fail(f"{len(data) - pos} trailing bytes after the delete set", pos)
+    for client, ranges in result.items():
+        ranges.sort()
+        merged: list[tuple[int, int]] = []
+        for clock, length in ranges:
+            if merged and clock <= merged[-1][0] + merged[-1][1]:
+                start, prev = merged[-1]
+                merged[-1] = (start, max(prev, clock + length - start))
+            else:
+                merged.append((clock, length))
+        result[client] = merged
+    return result
+
+
+def delete_set_covers(ours: DeleteSet, theirs: DeleteSet) -> bool:
+    """Whether every range of ``theirs`` lies inside a range of ``ours`` (both as :func:`decode_delete_set` returns them)."""
+    for client, ranges in theirs.items():
+        have = ours.get(client)
+        if not have:
+            if ranges:
+                return False
+            continue
+        starts = [start for start, _ in have]
+        for clock, length in ranges:
+            i = bisect_right(starts, clock) - 1
+            if i < 0 or clock + length > have[i][0] + have[i][1]:
+                return False
+    return True

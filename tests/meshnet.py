@@ -478,13 +478,12 @@ class MeshNet:
         nodes = self.nodes if nodes is None else nodes
         found: list[str] = []
         first = nodes[0]
-        for doc_id in sorted(set().union(*(n.m.contexts for n in nodes))):
+        for doc_id in sorted(set().union(*(n.m.context_ids() for n in nodes))):
             # A context a node never heard of counts as empty: a no-op write (deleting an
             # absent key) creates an empty context on its node alone (see test_model.py).
-            docs = {
-                n.name: n.m.contexts[doc_id].doc if doc_id in n.m.contexts else pycrdt.Doc() for n in nodes
-            }
-            entries = {n.name: n.m.entries(doc_id) if doc_id in n.m.contexts else [] for n in nodes}
+            # An unloaded one is loaded back here (Mesh.context).
+            docs = {n.name: ctx.doc if (ctx := n.m.context(doc_id)) else pycrdt.Doc() for n in nodes}
+            entries = {n.name: n.m.entries(doc_id) if n.m.has_context(doc_id) else [] for n in nodes}
             for n in nodes[1:]:
                 if entries[n.name] != entries[first.name]:
                     found.append(
@@ -505,7 +504,7 @@ class MeshNet:
                         f"{doc_id}: delete sets differ: {n.name} {delete_set(da)} != {first.name} {delete_set(db)}"
                     )
             for n in nodes:
-                if doc_id in n.m.contexts:
+                if n.m.has_context(doc_id):
                     found += [f"{n.name}: {p}" for p in index_problems(n.m, doc_id)]
         return found
 
@@ -573,7 +572,8 @@ def index_problems(mesh: Mesh, doc_id: DocId) -> list[str]:
     Compare a context's live index (kept by observer callbacks) with one rebuilt from scratch
     from a copy of its document, and its O(1) live count with its keys.
     """
-    ctx = mesh.contexts[doc_id]
+    ctx = mesh.context(doc_id)
+    assert ctx is not None, f"no context {doc_id}"
     copy: pycrdt.Doc[Any] = pycrdt.Doc()
     copy.apply_update(ctx.doc.get_update())
     fresh = EntryMap(copy, mesh.node_id, Clock())

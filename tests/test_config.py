@@ -104,6 +104,7 @@ def test_watchdog_and_idle_compaction_can_be_turned_off() -> None:
     cfg = parse(with_section("log", "loop_stall_s = 3600\nloop_stall_traceback_s = 86400"))
     assert (cfg.log.loop_stall_s, cfg.log.loop_stall_traceback_s) == (3600.0, 86400.0)
     assert parse(with_section("store", "idle_compact_s = 0")).store.idle_compact_s == 0.0
+    assert parse(with_section("store", "unload_idle_s = 0")).store.unload_idle_s == 0.0
 
 
 def test_pairing_port_must_not_be_the_sync_or_api_port() -> None:
@@ -315,6 +316,8 @@ def test_wrong_type_rejected(section: str, body: str, key: str) -> None:
         ("store", "idle_compact_s = -1", "store.idle_compact_s"),
         ("store", "idle_compact_s = inf", "store.idle_compact_s"),
         ("store", "idle_compact_s = 0.5", "store.idle_compact_s"),
+        ("store", "unload_idle_s = -1", "store.unload_idle_s"),
+        ("store", "unload_idle_s = 0.5", "store.unload_idle_s"),
         ("pairing", "port = -1", "pairing.port"),
         ("pairing", "port = 65536", "pairing.port"),
         ("pairing", "port = true", "pairing.port"),

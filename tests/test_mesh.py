@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from ctxsync.config import NodeConfig, PeerConfig, SyncConfig
 from ctxsync.crypto import generate_identity
 from ctxsync.mesh import Mesh, backoff, is_retryable
-from ctxsync.errors import EntryError, HandshakeRejected, NotFound, PeerUnreachable
+from ctxsync.errors import ContextLoadFailed, EntryError, HandshakeRejected, NotFound, PeerUnreachable
 from ctxsync.store import Store
 from ctxsync.types import DocId, NodeId
 from ctxsync.yupdate import decode_state_vector
@@ -410,3 +412,96 @@ def test_gc_is_paused_only_while_a_large_update_is_applied() -> None:
         assert not gc.isenabled()  # whoever turned it off turns it on
     finally:
         gc.enable()
+
+
+# -- unloading idle contexts ---------------------------------------------------------------
+
+
+async def test_an_unloaded_context_is_read_written_and_shown_like_a_loaded_one(make: Callable[[str], Node]) -> None:
+    """Unloading keeps a context's figures in status; a read loads it back, and writes go on from its version."""
+    na = make("a")
+    a = await na.open([])
+    doc = DocId("ctx")
+    await a.write(doc, [("k", '"v1"'), ("gone", "1")])
+    await a.write(doc, [("gone", None)])
+    before = a.status()["contexts"][doc]
+    assert before["loaded"] is True and before["version"] == 2
+    assert a.unload_idle(3600.0) == []  # just used
+    assert a.unload_idle(0.0) == [doc]
+    assert doc not in a.contexts and doc in a.parked and a.unloads == 1
+    after = a.status()["contexts"][doc]
+    assert after == before | {"loaded": False}
+    assert a.has_context(doc) and a.context_ids() == [doc] and a.version_of(doc) == 2 and a.entry_count() == 1
+    assert a.get(doc, "k").value == '"v1"'  # loaded back
+    assert doc in a.contexts and doc not in a.parked and a.loads == 1
+    assert a.unload(doc)
+    assert await a.write(doc, [("k", '"v2"')]) == (3, 1)
+    assert a.get(doc, "k").value == '"v2"' and a.keys(doc) == ["k"] and a.loads == 2
+
+
+async def test_a_busy_context_stays_loaded(make: Callable[[str], Node]) -> None:
+    """No unload while a write commits, a Yjs client is subscribed, or a context is new and unchanged."""
+    na = make("a")
+    a = await na.open([])
+    doc = DocId("ctx")
+    await a.write(doc, [("k", "1")])
+    pending = a.submit_write(doc, [("k", "2")])  # applied now, committing in the background
+    assert not a.unload(doc)
+    await pending
+    handle = a.subscribe_updates(doc, lambda update, tag: None)
+    assert not a.unload(doc)
+    a.unsubscribe_updates(doc, handle)
+    assert a.unload(doc)
+    a.open_context(DocId("empty"))  # made by a Yjs client, unchanged: it may still take a peer's lineage
+    assert not a.unload(DocId("empty"))
+    assert not a.unload(DocId("unknown"))
+
+
+async def test_peers_sync_an_unloaded_context_and_load_it_only_for_new_content(make: Callable[[str], Node]) -> None:
+    """A reconnect that finds nothing new is answered from the unloaded record; new content, either way, loads it."""
+    na, nb, nc = make("a"), make("b"), make("c")
+    a = await na.open([nb, nc])
+    b = await nb.open([na])
+    c = await nc.open([na])
+    doc = DocId("ctx")
+    tasks = link(a, b)
+    await a.write(doc, [("k", '"v1"')])
+    await wait_until(lambda: value(b, "ctx", "k") == '"v1"', T)
+    await wait_until(lambda: (doc in a.parked or a.unload(doc)) and (doc in b.parked or b.unload(doc)), T)
+    for t in tasks:
+        t.cancel()
+    await wait_until(lambda: not connected(a, b), T)
+    tasks = link(a, b)
+    await wait_until(lambda: connected(a, b), T)
+    await wait_until(lambda: all(p["contexts"][doc]["in_sync"] for m in (a, b) for p in m.status()["peers"] if p["connected"]), T)
+    assert (a.loads, b.loads) == (0, 0) and doc in a.parked and doc in b.parked
+    # c has nothing: a's answer to its step 1 needs the document.
+    tasks += link(a, c)
+    await wait_until(lambda: value(c, "ctx", "k") == '"v1"', T)
+    assert a.loads == 1
+    # New content from a peer loads the unloaded context that receives it.
+    assert a.unload(doc)
+    await b.write(doc, [("k", '"v2"')])
+    await wait_until(lambda: value(c, "ctx", "k") == '"v2"', T)
+    assert a.loads == 2 and doc in a.contexts
+    for t in tasks:
+        t.cancel()
+
+
+async def test_a_context_the_store_lost_while_unloaded_fails_to_load_and_stays_unloaded(make: Callable[[str], Node]) -> None:
+    """The store must hold what an unloaded context had: if not, reads fail with a clear error and nothing is replaced."""
+    na = make("a")
+    a = await na.open([])
+    doc = DocId("ctx")
+    await a.write(doc, [("k", "1")])
+    await a.write(doc, [("k", "2")])
+    assert a.unload(doc)
+    with sqlite3.connect(na.dir / "store.db") as db:  # another process damaging the file
+        db.execute("DELETE FROM updates WHERE doc_id = ?", (doc,))
+        db.execute("DELETE FROM checkpoints WHERE doc_id = ?", (doc,))
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(ContextLoadFailed, match="holds less than the context had"):
+            a.get(doc, "k")
+    assert [e["event"] for e in logs] == ["context.load_failed"] and logs[0]["log_level"] == "error"
+    assert doc in a.parked and doc not in a.contexts and a.loads == 0
+    assert a.status()["contexts"][doc]["entries"] == 1

@@ -100,6 +100,27 @@ async def test_append_close_reopen_rebuilds_identical_document(tmp_path: Path) -
     assert_same(rebuild(notes.updates), writer)
 
 
+async def test_load_now_reads_what_is_committed_on_the_calling_thread(tmp_path: Path) -> None:
+    """load_now() reads a context as load() does, without the worker, even while the worker compacts it."""
+    path, writer = tmp_path / "store.db", Writer()
+    store = Store(path, compact_threshold=5)
+    with pytest.raises(InvalidState):
+        store.load_now(CTX)
+    async with store:
+        await store.create_context(CTX)
+        for version in range(1, 13):  # compacted twice on the way
+            await store.append(CTX, version, writer.set(f"k{version % 4}", f"value {version}"))
+        compaction = asyncio.ensure_future(store.compact(CTX))
+        now = store.load_now(CTX)
+        await compaction
+        assert now is not None and (now.version, now.lineage) == (12, (await store.load(CTX)).lineage)  # type: ignore[union-attr]
+        assert_same(rebuild(now.updates), writer)
+        assert store.load_now(DocId("missing")) is None
+        assert store.stored_bytes(CTX) > 0 and store.stored_bytes(DocId("missing")) == 0
+    with pytest.raises(InvalidState):
+        store.load_now(CTX)
+
+
 async def test_meta_round_trips(tmp_path: Path) -> None:
     """Stores, replaces and reloads node-wide settings."""
     async with Store(tmp_path / "store.db") as store:

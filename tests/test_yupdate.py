@@ -20,7 +20,9 @@ from ctxsync.yupdate import (
     MissingDependencies,
     UpdateSummary,
     check_update,
+    decode_delete_set,
     decode_state_vector,
+    delete_set_covers,
 )
 from tests.helpers import varuint
 
@@ -573,6 +575,26 @@ def test_skip_structs_need_allow_skip() -> None:
     with pytest.raises(MissingDependencies, match="skips clocks 1..1"):
         check_update(gappy, allow_skip=True, state={})
     check_update(gappy, allow_skip=True, state={5: 2})
+
+
+def test_delete_sets_of_struct_free_updates_decode_and_compare() -> None:
+    """A replica's delete-set-only update decodes to merged ranges; coverage is checked range by range."""
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=7)
+    m = doc.get("m", type=pycrdt.Map)
+    for i in range(6):
+        m[f"k{i}"] = i
+    for i in (1, 2, 4):  # clocks 1, 2 and 4: two ranges once merged
+        del m[f"k{i}"]
+    ours = decode_delete_set(doc.get_update(doc.get_state()))
+    assert ours == {7: [(1, 2), (4, 1)]}
+    assert decode_delete_set(doc.get_update()) is None  # it carries structs
+    assert decode_delete_set(b"\x00\x00") == {}
+    assert delete_set_covers(ours, {7: [(1, 1)]}) and delete_set_covers(ours, {7: [(1, 2), (4, 1)]}) and delete_set_covers(ours, {})
+    assert not delete_set_covers(ours, {7: [(1, 3)]})  # runs into clock 3, not deleted here
+    assert not delete_set_covers(ours, {7: [(0, 1)]}) and not delete_set_covers(ours, {8: [(0, 1)]})
+    for bad in (b"", b"\x00", b"\x00\x01\x07", b"\x00\x00\x00"):
+        with pytest.raises(InvalidUpdate):
+            decode_delete_set(bad)
 
 
 def test_state_vector_decoding() -> None:
