@@ -402,7 +402,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     stalls = node.get("loop_stalls_total") or 0
     stalled = f"   loop stalls {stalls} (last {node.get('last_loop_stall_s', 0):.1f} s)" if stalls else ""
     print(f"listen   {st['listen']}   rss {proc['rss_bytes'] / 2**20:.1f} MiB   cpu {proc['cpu_percent']}%   uptime {proc['uptime_s']} s{stalled}")
-    ctxs = ", ".join(f"{k} ({v['entries']} entries, v{v['version']})" for k, v in st["contexts"].items()) or "none"
+    ctxs = ", ".join(
+        f"{k} ({v['entries']} entries, v{v['version']}{'' if v.get('loaded', True) else ', unloaded'})" for k, v in st["contexts"].items()
+    ) or "none"
     print(f"contexts {ctxs}")
     for m in st.get("lineage_mismatches") or []:
         print(

@@ -411,7 +411,7 @@ class Daemon:
                 cert_path=self.home / CERT_FILE,
                 key_path=self.home / KEY_FILE,
             )
-            await mesh.load()
+            await mesh.load(unload=cfg.store.unload_idle_s > 0)
             recovery = Recovery(mesh, store, cfg.contexts)
             webhooks = WebhookDispatcher(
                 store,

@@ -41,6 +41,10 @@ name                                                    type     labels; source
 ``ctxsync_event_loop_last_stall_seconds``               gauge    ``node.last_loop_stall_s``
 ``ctxsync_updates_in_total``                            counter  ``node.updates_in_total``
 ``ctxsync_updates_out_total``                           counter  ``node.updates_out_total``
+``ctxsync_contexts_loaded``                             gauge    ``node.contexts_loaded``: contexts in memory
+                                                                 (the others are unloaded)
+``ctxsync_context_loads_total``                         counter  ``node.context_loads_total``
+``ctxsync_context_unloads_total``                       counter  ``node.context_unloads_total``
 ``ctxsync_store_size_bytes``                            gauge    ``store.size_bytes``
 ``ctxsync_store_failing``                               gauge    ``store.failing``: 1 if true or an error
                                                                  text, 0 if false or ``None``
@@ -282,6 +286,15 @@ class StatusCollector(Collector):
         yield counter
         counter = _counter("ctxsync_updates_out_total", "Updates sent to peers.")
         _add(counter, [], node.get("updates_out_total"))
+        yield counter
+        family = _gauge("ctxsync_contexts_loaded", "Contexts whose document is in memory (the others are unloaded).")
+        _add(family, [], node.get("contexts_loaded"))
+        yield family
+        counter = _counter("ctxsync_context_loads_total", "Unloaded contexts loaded back from the store since start.")
+        _add(counter, [], node.get("context_loads_total"))
+        yield counter
+        counter = _counter("ctxsync_context_unloads_total", "Contexts unloaded from memory since start (unused for store.unload_idle_s).")
+        _add(counter, [], node.get("context_unloads_total"))
         yield counter
 
         store = _section(status, "store")

@@ -132,6 +132,7 @@ def log_stats(status: dict[str, Any]) -> None:
         updates_out_per_s=status.get("node", {}).get("updates_out_per_s"),
         loop_lag_ms=status.get("node", {}).get("loop_lag_ms"),
         loop_stalls_total=status.get("node", {}).get("loop_stalls_total", 0),
+        contexts_loaded=status.get("node", {}).get("contexts_loaded"),
         alerts_active=len(status.get("alerts", [])),
     )
 

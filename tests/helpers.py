@@ -344,6 +344,9 @@ def sample_status() -> dict[str, Any]:
             "loop_lag_ms": 0.8,
             "loop_stalls_total": 2,
             "last_loop_stall_s": 6.25,
+            "contexts_loaded": 3,
+            "context_loads_total": 11,
+            "context_unloads_total": 12,
         },
         "store": {
             "path": "/home/me/.ctxsync/store.db",

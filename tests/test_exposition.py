@@ -67,6 +67,9 @@ def test_node_process_and_store_values() -> None:
     assert got[key("ctxsync_event_loop_last_stall_seconds")] == 6.25
     assert got[key("ctxsync_updates_in_total")] == 40
     assert got[key("ctxsync_updates_out_total")] == 7
+    assert got[key("ctxsync_contexts_loaded")] == 3
+    assert got[key("ctxsync_context_loads_total")] == 11
+    assert got[key("ctxsync_context_unloads_total")] == 12
     assert got[key("ctxsync_store_size_bytes")] == 131_440
     assert got[key("ctxsync_store_failing")] == 0
     assert got[key("ctxsync_store_commits_total")] == 4
@@ -111,6 +114,8 @@ def test_types_and_units() -> None:
     counters = {name for name, family in families.items() if family.type == "counter"}
     assert counters == {
         "ctxsync_updates_in",
+        "ctxsync_context_loads",
+        "ctxsync_context_unloads",
         "ctxsync_updates_out",
         "ctxsync_event_loop_stalls",
         "ctxsync_store_commits",

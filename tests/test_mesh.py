@@ -505,3 +505,20 @@ async def test_a_context_the_store_lost_while_unloaded_fails_to_load_and_stays_u
     assert [e["event"] for e in logs] == ["context.load_failed"] and logs[0]["log_level"] == "error"
     assert doc in a.parked and doc not in a.contexts and a.loads == 0
     assert a.status()["contexts"][doc]["entries"] == 1
+
+
+async def test_adopting_an_unloaded_context_replaces_it_without_loading_it(make: Callable[[str], Node]) -> None:
+    """adopt() takes the peer's lineage of an unloaded context from its record: the old document is never loaded."""
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    doc = DocId("ctx")
+    await a.write(doc, [("k", '"from-a"')])
+    await b.write(doc, [("k", '"from-b"'), ("b-only", "1")])
+    link(a, b)
+    await wait_until(lambda: len(b.lineage_mismatches()) == 1, T)
+    assert b.unload(doc)
+    result = await b.adopt(doc, na.node_id)
+    assert result["dropped_entries"] == 2 and b.loads == 0 and doc not in b.parked
+    await wait_until(lambda: value(b, "ctx", "k") == '"from-a"', T)
+    assert value(b, "ctx", "b-only") is None and b.version_of(doc) >= 1

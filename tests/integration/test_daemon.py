@@ -369,6 +369,49 @@ def test_a_context_left_alone_is_compacted_and_reloads_whole(make_node: MakeNode
     assert a.status()["contexts"]["idle"]["version"] >= 80
 
 
+def test_contexts_left_unused_are_unloaded_and_loaded_back_when_needed(make_node: MakeNode) -> None:
+    """
+    With ``[store] unload_idle_s = 1``: contexts nobody uses leave memory but stay in status
+    (marked unloaded); a peer's reconnect that brings nothing new loads none of them; a read,
+    or a peer's new write, loads the one it needs. A restart starts with every context unloaded.
+    """
+    a, b = make_node("alice"), make_node("bob")
+    for n in (a, b):
+        cfg = n.home / "config.toml"
+        cfg.write_text(cfg.read_text().replace("unload_idle_s = 600.0", "unload_idle_s = 1.0"))
+    a.pair(b)
+    a.start()
+    b.start()
+    wait_for(lambda: a.connected_to(b))
+    for ctx in ("notes", "tasks", "other"):
+        a.cli("set", ctx, "k", f'"{ctx}-1"')
+    wait_for(lambda: b.get("other", "k") == "other-1")
+
+    def unloaded(n: Node) -> set[str]:
+        return {d for d, c in n.status()["contexts"].items() if c["loaded"] is False}
+
+    wait_for(lambda: unloaded(a) == unloaded(b) == {"notes", "tasks", "other"})
+    st = a.status()
+    assert st["contexts"]["notes"]["entries"] == 1 and st["contexts"]["notes"]["version"] == 1
+    assert st["node"]["contexts_loaded"] == 0 and st["node"]["context_unloads_total"] == 3
+    assert "notes (1 entries, v1, unloaded)" in a.cli("status").stdout
+    # b restarts: its contexts start unloaded, and a reconnect that finds nothing new loads nothing.
+    assert b.stop() == 0
+    b.start()
+    wait_for(lambda: a.connected_to(b) and b.connected_to(a))
+    wait_for(lambda: all(c["in_sync"] for p in b.status()["peers"] for c in p["contexts"].values()))
+    assert unloaded(b) == {"notes", "tasks", "other"} and b.status()["node"]["context_loads_total"] == 0
+    assert a.status()["node"]["context_loads_total"] == 0
+    # A read loads one context back; a peer's write loads it on the other side.
+    assert a.get("notes", "k") == "notes-1"
+    a.cli("set", "tasks", "k", '"tasks-2"')
+    wait_for(lambda: b.get("tasks", "k") == "tasks-2")
+    assert a.status()["node"]["context_loads_total"] == 2
+    assert b.status()["node"]["context_loads_total"] >= 1
+    assert "other" in unloaded(a) and a.get("other") == {"k": "other-1"}
+    assert not a.events("context.load_failed") and not b.events("context.load_failed")
+
+
 def test_metrics_alerts_and_status_table(make_node: MakeNode) -> None:
     """GET /metrics serves Prometheus text (token required); a configured alert is raised and cleared."""
     import urllib.error
