@@ -506,10 +506,9 @@ class Api:
         doc_id = _doc_id(req)
         name = req.get("name")
         if name is None:
-            ctx = self.mesh.context(doc_id)
-            if ctx is None:
+            if not self.mesh.has_context(doc_id):
                 raise NotFound(f"no context {doc_id!r}")
-            return self._ok(req_id, ctx.entries.strategy.to_json())
+            return self._ok(req_id, self.mesh.context_status(doc_id)["strategy"])
         if name not in STRATEGIES:
             raise _BadRequest(f"name must be one of {', '.join(STRATEGIES)}")
         priority = req.get("priority", [])

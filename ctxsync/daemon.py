@@ -457,7 +457,7 @@ class Daemon:
                 listen=config.format_hostport(*cfg.listen),
                 api=config.format_hostport(*cfg.api),
                 peers=len(cfg.peers),
-                contexts=len(mesh.contexts),
+                contexts=len(mesh.context_ids()),
                 entries=mesh.entry_count(),
             )
             background = [

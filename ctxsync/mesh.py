@@ -64,7 +64,7 @@ from ctxsync.errors import (
 from ctxsync.metrics import trim_memory
 from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
-from ctxsync.store import LEGACY_LINEAGE, Store
+from ctxsync.store import LEGACY_LINEAGE, Store, StoredContext
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
 from ctxsync.yupdate import (
     DeleteSet,
@@ -84,6 +84,10 @@ MAX_UNPERSISTED_BYTES = 64 * 1024 * 1024
 """Updates kept in memory (bytes) while the store fails, to store them once it works again."""
 RTT_WINDOW = 120
 """RTT samples kept per peer for the percentiles (one per websocket pong: 10 minutes at the default 5 s ping)."""
+LOAD_RETRY_S = 10.0
+"""Seconds after a failed load of an unloaded context before the store is read for it again
+(requests meanwhile get the same error), and before the peers whose content it could not take
+are asked again (sync step 1 and a resync)."""
 UNLOAD_MAX_STORED_BYTES = 4 * 1024 * 1024
 """Contexts whose store rows (checkpoint and log) hold more than this many bytes are never
 unloaded (:meth:`Mesh.unload`): loading one back runs on the event loop, at the moment a peer's
@@ -123,10 +127,17 @@ class Context:
     """One context: its document, entries, local version and the update its last transaction made."""
 
     def __init__(
-        self, doc_id: DocId, node_id: NodeId, clock: Clock, *, version: int = 0, lineage: str = LEGACY_LINEAGE
+        self,
+        doc_id: DocId,
+        node_id: NodeId,
+        clock: Clock,
+        *,
+        version: int = 0,
+        lineage: str = LEGACY_LINEAGE,
+        client_id: int | None = None,
     ) -> None:
         self.doc_id = doc_id
-        self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self.version = version
         """Local change counter: +1 per transaction that changed the document."""
         self.lineage = lineage
@@ -212,6 +223,13 @@ class Parked:
     brings nothing new, and does not load the context."""
     summary: dict[str, Any]
     """The context's fields in :meth:`Mesh.status` (entries, tombstones, strategy, conflicts)."""
+    client_id: int
+    """The document's Yjs client id, given back to it when it is loaded: a new one per load would
+    add a client to its state vector, for good and on every replica, at each load and write."""
+    failed_at: float = 0.0
+    """When loading it back last failed (monotonic seconds; 0: never)."""
+    failure: str = ""
+    """Why it failed."""
 
 
 GC_PAUSE_BYTES = 256 * 1024
@@ -413,6 +431,10 @@ class Mesh:
         """Contexts unloaded from memory (:meth:`unload`); loaded back when needed."""
         self._stored_version: dict[DocId, int] = {}
         """Per context, the highest version the store has committed (what :meth:`Store.load_now` would read)."""
+        self._incomplete: set[DocId] = set()
+        """Contexts an update of which the store never got (``store.retention_full``): kept loaded until a restart."""
+        self._sync_retries: set[tuple[str, DocId]] = set()
+        """(session id, context) pairs whose sync waits for :data:`LOAD_RETRY_S` after a failed load."""
         self.loads = 0
         """Unloaded contexts loaded back since start."""
         self.unloads = 0
@@ -453,23 +475,29 @@ class Mesh:
         Raises:
             StoreCorrupt: A stored update cannot be applied.
         """
-        everything = await self.store.load_all()
-        everything.reverse()
-        while everything:
-            stored = everything.pop()  # its updates are freed with it, one context at a time
-            ctx = Context(stored.doc_id, self.node_id, self.clock, version=stored.version, lineage=stored.lineage)
-            try:
-                ctx.load(stored.updates)
-            except BaseException as exc:
-                _reraise_fatal(exc)
-                raise StoreCorrupt(
-                    f"{self.store.path}: context {stored.doc_id!r}: a stored update cannot be applied "
-                    f"({type(exc).__name__}: {exc}); the file is kept as it is"
-                ) from None
-            self.contexts[stored.doc_id] = ctx
-            self._stored_version[stored.doc_id] = stored.version
-            if unload:
-                self.unload(stored.doc_id)
+        if unload:  # one context at a time: never every stored byte in memory at once
+            for doc_id in await self.store.context_ids():
+                stored = await self.store.load(doc_id)
+                if stored is not None:
+                    self._rebuild_stored(stored)
+                    self.unload(doc_id)
+        else:
+            for stored in await self.store.load_all():
+                self._rebuild_stored(stored)
+
+    def _rebuild_stored(self, stored: StoredContext) -> None:
+        """Rebuild one context from its stored checkpoint and log. Raises StoreCorrupt if an update cannot be applied."""
+        ctx = Context(stored.doc_id, self.node_id, self.clock, version=stored.version, lineage=stored.lineage)
+        try:
+            ctx.load(stored.updates)
+        except BaseException as exc:
+            _reraise_fatal(exc)
+            raise StoreCorrupt(
+                f"{self.store.path}: context {stored.doc_id!r}: a stored update cannot be applied "
+                f"({type(exc).__name__}: {exc}); the file is kept as it is"
+            ) from None
+        self.contexts[stored.doc_id] = ctx
+        self._stored_version[stored.doc_id] = stored.version
 
     def start_peers(self) -> None:
         """Start a dial loop for every configured peer (call once, inside the running loop)."""
@@ -710,7 +738,8 @@ class Mesh:
     def resync_update(self, session: PeerSession, doc_id: DocId) -> bytes | None:
         try:
             ctx = self._loaded(doc_id)
-        except ContextLoadFailed:  # logged; the next reconnect's sync step 1 tries again
+        except ContextLoadFailed:  # logged; tried again later
+            self._sync_later(session, doc_id)
             return None
         if ctx is None:
             return None
@@ -726,8 +755,31 @@ class Mesh:
             self._on_sync_message(session, st, message)
         except ContextLoadFailed:
             # An unloaded context could not be read back (logged as context.load_failed): the
-            # message is dropped, the peer's next sync step 1 or reconnect brings it again.
+            # message is dropped, and both sides' sync of it is asked again later.
             log.debug("sync.dropped", peer_id=session.peer_id, doc_id=message.doc_id, reason="context not loadable")
+            self._sync_later(session, message.doc_id)
+
+    def _sync_later(self, session: PeerSession, doc_id: DocId) -> None:
+        """After a failed load dropped a message of ``session`` for ``doc_id``: mark it out of sync, and sync it again in :data:`LOAD_RETRY_S`."""
+        session.synced[doc_id] = False
+        key = (session.session_id, doc_id)
+        if key not in self._sync_retries:
+            self._sync_retries.add(key)
+            self._spawn(self._retry_sync(session, doc_id, key), f"sync-retry-{doc_id}")
+
+    async def _retry_sync(self, session: PeerSession, doc_id: DocId, key: tuple[str, DocId]) -> None:
+        try:
+            await asyncio.sleep(LOAD_RETRY_S)
+        finally:
+            self._sync_retries.discard(key)
+        lineage = self._lineage_of(doc_id)
+        if not session.is_open or lineage is None:
+            return
+        ctx, parked = self.contexts.get(doc_id), self.parked.get(doc_id)
+        state = ctx.doc.get_state() if ctx is not None else parked.state_vector if parked is not None else _EMPTY_STATE_VECTOR
+        session.send_step1(doc_id, state, lineage)  # what the peer sent and was dropped comes again
+        if doc_id in session.remote_state_vectors:
+            session.request_resync(doc_id)  # and the peer gets what its step 1 asked for
 
     def _on_sync_message(self, session: PeerSession, st: PeerState, message: SyncStep1 | SyncStep2 | SyncUpdate) -> None:
         doc_id = message.doc_id
@@ -1041,6 +1093,7 @@ class Mesh:
         if self._unpersisted_bytes + len(p.update) > MAX_UNPERSISTED_BYTES and not p.local:
             # Still safe: peers hold it, and sync step 1/2 brings it back after a restart.
             log.error("store.retention_full", doc_id=p.doc_id, version=p.version, retained_bytes=self._unpersisted_bytes)
+            self._incomplete.add(p.doc_id)  # the store lacks it: the context must not be unloaded
         else:
             self._unpersisted.append(p)
             self._unpersisted_bytes += len(p.update)
@@ -1499,6 +1552,7 @@ class Mesh:
             or ctx.write_task is not None
             or doc_id in self._update_subs
             or self._stored_version.get(doc_id, 0) < ctx.version
+            or doc_id in self._incomplete
             or any(p.doc_id == doc_id for p in self._unpersisted)
             or self.store.stored_bytes(doc_id) > UNLOAD_MAX_STORED_BYTES
         ):
@@ -1507,7 +1561,7 @@ class Mesh:
         delete_set = ctx.doc.get_update(state)
         self.parked[doc_id] = Parked(
             ctx.lineage, ctx.version, ctx.snapshot_at, state, decode_state_vector(state),
-            delete_set, decode_delete_set(delete_set) or {}, _summary(ctx),
+            delete_set, decode_delete_set(delete_set) or {}, _summary(ctx), ctx.doc.client_id,
         )  # fmt: skip
         ctx.close()
         del self.contexts[doc_id]
@@ -1524,13 +1578,19 @@ class Mesh:
                 the context stays unloaded. Logged as ``context.load_failed``.
         """
         parked = self.parked[doc_id]
+        if parked.failed_at and time.monotonic() - parked.failed_at < LOAD_RETRY_S:
+            raise ContextLoadFailed(parked.failure)  # logged when it failed; not read again yet
         started = time.perf_counter()
         try:
             stored = self.store.load_now(doc_id)
             if stored is None or stored.lineage != parked.lineage:
                 found = "nothing" if stored is None else f"lineage {stored.lineage}"
                 raise StoreCorrupt(f"{self.store.path}: context {doc_id!r} was unloaded with lineage {parked.lineage}, the store holds {found}")
-            ctx = Context(doc_id, self.node_id, self.clock, version=parked.version, lineage=parked.lineage)
+            # The same client id: the check below makes sure the store holds every struct made
+            # under it, so new ones cannot clash with any that exist.
+            ctx = Context(
+                doc_id, self.node_id, self.clock, version=parked.version, lineage=parked.lineage, client_id=parked.client_id
+            )
             try:
                 ctx.load(stored.updates)
             except BaseException as exc:
@@ -1544,8 +1604,10 @@ class Mesh:
                 ctx.close()
                 raise StoreCorrupt(f"{self.store.path}: context {doc_id!r}: the store holds less than the context had when it was unloaded")
         except StoreError as exc:
-            log.error("context.load_failed", doc_id=doc_id, error=str(exc))
-            raise ContextLoadFailed(f"context {doc_id!r} cannot be loaded back from the store: {exc}") from exc
+            log.error("context.load_failed", doc_id=doc_id, error=str(exc), retry_in_s=LOAD_RETRY_S)
+            parked.failed_at = time.monotonic()
+            parked.failure = f"context {doc_id!r} cannot be loaded back from the store: {exc}"
+            raise ContextLoadFailed(parked.failure) from exc
         ctx.snapshot_at = parked.snapshot_at
         del self.parked[doc_id]
         self.contexts[doc_id] = ctx
@@ -1774,13 +1836,14 @@ class Mesh:
         return {
             "node_id": self.node_id,
             "name": self.config.name,
-            "contexts": {d: self._context_status(d) for d in self.context_ids()},
+            "contexts": {d: self.context_status(d) for d in self.context_ids()},
             "lineage_mismatches": self.lineage_mismatches(),
             "peers": peers,
         }
 
 
-    def _context_status(self, doc_id: DocId) -> dict[str, Any]:
+    def context_status(self, doc_id: DocId) -> dict[str, Any]:
+        """A context's fields in :meth:`status` (without loading it). Raises KeyError if this node does not hold it."""
         ctx = self.contexts.get(doc_id)
         if ctx is not None:
             return _summary(ctx) | {"loaded": True}

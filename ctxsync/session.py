@@ -170,6 +170,13 @@ class PeerSession:
             return
         self._queue("update", doc_id, [update], origin_ms)
 
+    def request_resync(self, doc_id: DocId) -> None:
+        """Queue a sync step 2 of everything the peer's last state vector for ``doc_id`` misses, computed when it is sent (``resync_update``)."""
+        if doc_id in self._resync or self._closed.is_set():
+            return
+        self._resync.add(doc_id)
+        self._queue("resync", doc_id, [], 0)
+
     def behind(self, doc_id: DocId) -> tuple[int, int]:
         """
         How far the peer is behind this side for ``doc_id``: ``(updates, bytes)`` queued or sent
@@ -200,10 +207,8 @@ class PeerSession:
             else:
                 kept.append(item)
         self._outbox = kept
-        self._resync.add(doc_id)
-        self._outbox.append(("resync", doc_id, [], 0))
+        self.request_resync(doc_id)
         log.warning("peer.queue_overflow", peer_id=self.peer_id, doc_id=doc_id, session_id=self.session_id)
-        self._wakeup.set()
 
     @property
     def queued_bytes(self) -> int:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import structlog
 
+from ctxsync import mesh as mesh_module
+from ctxsync import store as store_module
 from ctxsync.config import NodeConfig, PeerConfig, SyncConfig
 from ctxsync.crypto import generate_identity
 from ctxsync.mesh import Mesh, backoff, is_retryable
@@ -361,7 +363,6 @@ async def test_a_large_update_is_followed_by_one_trim_of_the_heap(
     """Applying updates of GC_PAUSE_BYTES or more schedules one heap trim TRIM_AFTER_LARGE_S after the last; small ones none."""
     import pycrdt
 
-    from ctxsync import mesh as mesh_module
     from ctxsync.entries import Clock, EntryMap
 
     trims: list[float] = []
@@ -522,3 +523,74 @@ async def test_adopting_an_unloaded_context_replaces_it_without_loading_it(make:
     assert result["dropped_entries"] == 2 and b.loads == 0 and doc not in b.parked
     await wait_until(lambda: value(b, "ctx", "k") == '"from-a"', T)
     assert value(b, "ctx", "b-only") is None and b.version_of(doc) >= 1
+
+
+async def test_a_reloaded_context_keeps_its_yjs_client_id(make: Callable[[str], Node]) -> None:
+    """Writes after each load come from the same Yjs client: the state vector does not grow a client per load."""
+    na = make("a")
+    a = await na.open([])
+    doc = DocId("ctx")
+    for i in range(20):
+        await a.write(doc, [("k", str(i))])
+        assert a.unload(doc)
+    ctx = a.context(doc)
+    assert ctx is not None and a.loads == 20
+    assert decode_state_vector(ctx.doc.get_state()) == {ctx.doc.client_id: 20}
+
+
+async def test_a_context_whose_update_the_store_dropped_stays_loaded(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After store.retention_full dropped a peer's update of a context, the store lacks part of it: never unloaded."""
+    monkeypatch.setattr(mesh_module, "MAX_UNPERSISTED_BYTES", 0)  # nothing is kept for a retry: dropped at once
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    link(a, b)
+    doc = DocId("ctx")
+    await a.write(doc, [("k", "1")])
+    await wait_until(lambda: value(b, "ctx", "k") == "1", T)
+    blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # b's store cannot commit
+    with structlog.testing.capture_logs() as logs:
+        await a.write(doc, [("k", "2")])
+        await wait_until(lambda: value(b, "ctx", "k") == "2" and any(e["event"] == "store.retention_full" for e in logs), T)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await wait_until(lambda: b.store_failing is None, T)
+    await a.write(doc, [("other", "3")])  # a later version is stored on b
+    await wait_until(lambda: value(b, "ctx", "other") == "3" and b._stored_version.get(doc) == b.version_of(doc), T)
+    assert not b.unload(doc) and b.unload_idle(0.0) == []
+    assert value(b, "ctx", "k") == "2"
+
+
+async def test_a_peer_update_dropped_by_a_failed_load_comes_again(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that fails drops the peer's update for that context: it is marked out of sync and synced again once loading works."""
+    monkeypatch.setattr(mesh_module, "LOAD_RETRY_S", 0.3)
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    link(a, b)
+    doc = DocId("ctx")
+    await a.write(doc, [("k", "1")])
+    await wait_until(lambda: value(b, "ctx", "k") == "1", T)
+    await wait_until(lambda: doc in b.parked or b.unload(doc), T)
+    with sqlite3.connect(nb.dir / "store.db", isolation_level=None) as db:  # the rows go away for a while
+        rows = db.execute("SELECT * FROM updates WHERE doc_id = ?", (doc,)).fetchall()
+        checkpoints = db.execute("SELECT * FROM checkpoints WHERE doc_id = ?", (doc,)).fetchall()
+        db.execute("DELETE FROM updates WHERE doc_id = ?", (doc,))
+        db.execute("DELETE FROM checkpoints WHERE doc_id = ?", (doc,))
+    with structlog.testing.capture_logs() as logs:
+        await a.write(doc, [("k", "2")])
+        await wait_until(lambda: sum(e["event"] == "context.load_failed" for e in logs) >= 2, T)  # the first, then a retry
+    assert doc in b.parked and b.status()["peers"][0]["contexts"][doc]["in_sync"] is False
+    with sqlite3.connect(nb.dir / "store.db", isolation_level=None) as db:
+        for row in rows:
+            db.execute(f"INSERT INTO updates VALUES ({','.join('?' * len(row))})", row)
+        for row in checkpoints:
+            db.execute(f"INSERT INTO checkpoints VALUES ({','.join('?' * len(row))})", row)
+    await wait_until(lambda: doc in b.contexts and value(b, "ctx", "k") == "2", T)
+    await wait_until(lambda: b.status()["peers"][0]["contexts"][doc]["in_sync"] is True, T)

@@ -104,7 +104,9 @@ def seeded_client_ids(next_id: Callable[[], int]) -> Callable[[], None]:
     """Make every ``pycrdt.Doc`` the mesh creates take its client id from ``next_id``; return the undo."""
     real = getattr(ctxsync.mesh, "pycrdt")  # noqa: B009 (not exported: patched on purpose)
     fake = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
-    fake.Doc = lambda *args, **kwargs: real.Doc(*args, client_id=next_id(), **kwargs)
+    fake.Doc = lambda *args, client_id=None, **kwargs: real.Doc(
+        *args, client_id=next_id() if client_id is None else client_id, **kwargs
+    )  # a reloaded context asks for its own id back
     setattr(ctxsync.mesh, "pycrdt", fake)  # noqa: B010
 
     def undo() -> None:
