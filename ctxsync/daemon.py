@@ -458,6 +458,7 @@ class Daemon:
                 api=config.format_hostport(*cfg.api),
                 peers=len(cfg.peers),
                 contexts=len(mesh.context_ids()),
+                contexts_rebuilt=mesh.rebuilt,
                 entries=mesh.entry_count(),
             )
             background = [

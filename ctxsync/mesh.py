@@ -24,6 +24,7 @@ Everything runs on the event loop thread; documents are never touched from anoth
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -52,6 +53,7 @@ from ctxsync.errors import (
     ContextLoadFailed,
     ContextRebuilding,
     CryptoError,
+    CtxSyncError,
     EntryError,
     HandshakeRejected,
     NotFound,
@@ -64,7 +66,7 @@ from ctxsync.errors import (
 from ctxsync.metrics import trim_memory
 from ctxsync.protocol import PeerProtocol
 from ctxsync.session import PeerSession
-from ctxsync.store import LEGACY_LINEAGE, Store, StoredContext
+from ctxsync.store import LEGACY_LINEAGE, Store, StoredContext, StoredHead
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
 from ctxsync.yupdate import (
     DeleteSet,
@@ -223,9 +225,11 @@ class Parked:
     brings nothing new, and does not load the context."""
     summary: dict[str, Any]
     """The context's fields in :meth:`Mesh.status` (entries, tombstones, strategy, conflicts)."""
-    client_id: int
+    client_id: int | None
     """The document's Yjs client id, given back to it when it is loaded: a new one per load would
-    add a client to its state vector, for good and on every replica, at each load and write."""
+    add a client to its state vector, for good and on every replica, at each load and write.
+    None for a record read at start: the last run may have made structs under its id that
+    reached peers but not the store, and a new run must never make others under the same id."""
     failed_at: float = 0.0
     """When loading it back last failed (monotonic seconds; 0: never)."""
     failure: str = ""
@@ -439,6 +443,8 @@ class Mesh:
         """Unloaded contexts loaded back since start."""
         self.unloads = 0
         """Contexts unloaded since start."""
+        self.rebuilt = 0
+        """Contexts rebuilt from the store at start (the others came from the records of an earlier run's unloads)."""
         self.peers: dict[NodeId, PeerState] = {}
         self._subs: set[_Subscription] = set()
         self._registered: set[PeerSession] = set()
@@ -476,17 +482,23 @@ class Mesh:
             StoreCorrupt: A stored update cannot be applied.
         """
         if unload:  # one context at a time: never every stored byte in memory at once
-            for doc_id in await self.store.context_ids():
-                stored = await self.store.load(doc_id)
+            for head in await self.store.heads():
+                parked = _parked_from_record(head)
+                if parked is not None:  # unloaded in an earlier run, unchanged since: nothing to rebuild
+                    self.parked[head.doc_id] = parked
+                    self._stored_version[head.doc_id] = head.version
+                    continue
+                stored = await self.store.load(head.doc_id)
                 if stored is not None:
                     self._rebuild_stored(stored)
-                    self.unload(doc_id)
+                    self.unload(head.doc_id)
         else:
             for stored in await self.store.load_all():
                 self._rebuild_stored(stored)
 
     def _rebuild_stored(self, stored: StoredContext) -> None:
         """Rebuild one context from its stored checkpoint and log. Raises StoreCorrupt if an update cannot be applied."""
+        self.rebuilt += 1
         ctx = Context(stored.doc_id, self.node_id, self.clock, version=stored.version, lineage=stored.lineage)
         try:
             ctx.load(stored.updates)
@@ -1566,16 +1578,26 @@ class Mesh:
         ctx.close()
         del self.contexts[doc_id]
         self.unloads += 1
+        record = {"state_vector": _b64(state), "delete_set": _b64(delete_set), "summary": self.parked[doc_id].summary}
+        try:  # so that the next start need not rebuild it (see Store.heads)
+            self.store.put_record(doc_id, self.parked[doc_id].version, self.parked[doc_id].lineage, record).add_done_callback(
+                functools.partial(_record_written, doc_id)
+            )
+        except CtxSyncError as exc:  # the store is closing, or cannot seal: only the next start is slower
+            log.debug("context.record_failed", doc_id=doc_id, error=str(exc))
         return True
 
     def _load_parked(self, doc_id: DocId) -> Context:
         """
         Load an unloaded context back from the store, on the event loop (:meth:`Store.load_now`),
-        and check that the store holds every struct the context had when it was unloaded.
+        and check that the store holds every struct the context had when it was unloaded. If it
+        does not (rows lost from outside), what it holds is taken under a new Yjs client id,
+        the context stays loaded, and its peers are asked for the rest (``context.load_incomplete``).
 
         Raises:
-            ContextLoadFailed: The read failed, or the store lacks the context or part of it;
-                the context stays unloaded. Logged as ``context.load_failed``.
+            ContextLoadFailed: The read failed, the store lacks the context, holds it under
+                another lineage, or holds an update that cannot be applied; the context stays
+                unloaded. Logged as ``context.load_failed``.
         """
         parked = self.parked[doc_id]
         if parked.failed_at and time.monotonic() - parked.failed_at < LOAD_RETRY_S:
@@ -1588,31 +1610,48 @@ class Mesh:
                 raise StoreCorrupt(f"{self.store.path}: context {doc_id!r} was unloaded with lineage {parked.lineage}, the store holds {found}")
             # The same client id: the check below makes sure the store holds every struct made
             # under it, so new ones cannot clash with any that exist.
-            ctx = Context(
-                doc_id, self.node_id, self.clock, version=parked.version, lineage=parked.lineage, client_id=parked.client_id
-            )
-            try:
-                ctx.load(stored.updates)
-            except BaseException as exc:
-                _reraise_fatal(exc)
-                ctx.close()
-                raise StoreCorrupt(
-                    f"{self.store.path}: context {doc_id!r}: a stored update cannot be applied ({type(exc).__name__}: {exc})"
-                ) from None
+            ctx = self._context_from(stored, parked, parked.client_id)
             have = decode_state_vector(ctx.doc.get_state())
-            if any(have.get(client, 0) < clock for client, clock in parked.clocks.items()):
-                ctx.close()
-                raise StoreCorrupt(f"{self.store.path}: context {doc_id!r}: the store holds less than the context had when it was unloaded")
+            missing = sum(1 for client, clock in parked.clocks.items() if have.get(client, 0) < clock)
         except StoreError as exc:
             log.error("context.load_failed", doc_id=doc_id, error=str(exc), retry_in_s=LOAD_RETRY_S)
             parked.failed_at = time.monotonic()
             parked.failure = f"context {doc_id!r} cannot be loaded back from the store: {exc}"
             raise ContextLoadFailed(parked.failure) from exc
+        if missing:
+            # The store lost part of the context (rows deleted or replaced from outside). Take
+            # what it holds, under a new client id (this node's old one may have structs that
+            # peers hold and the store lost), keep it loaded for the rest of the run, and ask
+            # every peer for the rest.
+            ctx.close()
+            ctx = self._context_from(stored, parked, None)
+            self._incomplete.add(doc_id)
+            log.error(
+                "context.load_incomplete", doc_id=doc_id, clients_behind=missing,
+                hint="the store lost part of this context; the peers' sync brings back what they hold",
+            )  # fmt: skip
         ctx.snapshot_at = parked.snapshot_at
         del self.parked[doc_id]
         self.contexts[doc_id] = ctx
         self.loads += 1
         log.debug("context.loaded", doc_id=doc_id, version=ctx.version, took_ms=round((time.perf_counter() - started) * 1000, 3))
+        if missing:
+            for st in self.peers.values():
+                if st.session is not None and st.session.is_open and st.config.shares(doc_id):
+                    st.session.send_step1(doc_id, ctx.doc.get_state(), ctx.lineage)
+        return ctx
+
+    def _context_from(self, stored: StoredContext, parked: Parked, client_id: int | None) -> Context:
+        """Rebuild an unloaded context from its stored rows. Raises StoreCorrupt if an update cannot be applied."""
+        ctx = Context(stored.doc_id, self.node_id, self.clock, version=parked.version, lineage=parked.lineage, client_id=client_id)
+        try:
+            ctx.load(stored.updates)
+        except BaseException as exc:
+            _reraise_fatal(exc)
+            ctx.close()
+            raise StoreCorrupt(
+                f"{self.store.path}: context {stored.doc_id!r}: a stored update cannot be applied ({type(exc).__name__}: {exc})"
+            ) from None
         return ctx
 
     # -- raw Yjs access (the /yjs endpoint) ----------------------------------------------
@@ -1849,6 +1888,35 @@ class Mesh:
             return _summary(ctx) | {"loaded": True}
         parked = self.parked[doc_id]
         return parked.summary | {"version": parked.version, "lineage": parked.lineage, "loaded": False}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _record_written(doc_id: DocId, fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        log.debug("context.record_failed", doc_id=doc_id, error=str(exc))
+
+
+def _parked_from_record(head: StoredHead) -> Parked | None:
+    """The unloaded context an earlier run recorded (:meth:`Mesh.unload`), if its record is valid and well formed."""
+    record = head.record
+    if record is None:
+        return None
+    try:
+        state = base64.b64decode(record["state_vector"], validate=True)
+        delete_set = base64.b64decode(record["delete_set"], validate=True)
+        clocks, deleted = decode_state_vector(state), decode_delete_set(delete_set)
+        summary = dict(record["summary"])
+        if deleted is None or not all(isinstance(summary.get(k), int) for k in ("entries", "tombstones", "conflicts")):
+            return None
+        if not isinstance(summary.get("strategy"), dict):
+            return None
+    except (KeyError, TypeError, ValueError, InvalidUpdate):
+        return None
+    summary.update(version=head.version, lineage=head.lineage)
+    return Parked(head.lineage, head.version, head.version, state, clocks, delete_set, deleted, summary, None)
 
 
 def _brings_nothing(parked: Parked, update: bytes) -> bool:

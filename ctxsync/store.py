@@ -93,6 +93,7 @@ HISTORY_AAD: Final = b"history\x00"
 SNAPSHOT_AAD: Final = b"snapshot\x00"
 WEBHOOK_AAD: Final = b"webhook\x00"
 FAILURE_AAD: Final = b"webhook-failure\x00"
+RECORD_AAD: Final = b"record\x00"
 """Prefixes of the associated data of sealed JSON blobs (then the doc id or webhook id)."""
 
 
@@ -111,6 +112,19 @@ class StoredContext:
     """The context's lineage id (see :meth:`Store.append_nowait`)."""
     history_from: int = 1
     """The lowest version from which every change is in the history."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredHead:
+    """A stored context's version and lineage, with the record of it that is still valid, if any (:meth:`Store.heads`)."""
+
+    doc_id: DocId
+    version: int
+    """Highest version stored for this context (as :attr:`StoredContext.version`)."""
+    lineage: str
+    record: dict[str, Any] | None
+    """What :meth:`Store.put_record` stored for this very version and lineage; None if nothing
+    was, or it is of an older version or another lineage, or cannot be unsealed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,6 +660,7 @@ class Store:
             )
             conn.execute("DELETE FROM updates WHERE doc_id = ?", (doc_id,))
             conn.execute("DELETE FROM checkpoints WHERE doc_id = ?", (doc_id,))
+            conn.execute("DELETE FROM context_records WHERE doc_id = ?", (doc_id,))
             conn.execute(
                 "UPDATE contexts SET lineage = ?, base_version = max(base_version, ?) WHERE doc_id = ?",
                 (lineage, base_version, doc_id),
@@ -876,6 +891,53 @@ class Store:
             StoreError: If the read failed.
         """
         return await self._call(self._load_all)
+
+    def put_record(self, doc_id: DocId, version: int, lineage: str, record: dict[str, Any]) -> asyncio.Future[None]:
+        """
+        Store what a context unloaded from memory keeps (any JSON object), for the version and
+        lineage it has now, replacing an older record; committed with the next batch. A record
+        is a cache: :meth:`heads` gives it back only while that version and lineage are still the
+        context's stored ones.
+
+        Returns:
+            A future of the commit (a StoreError if it failed; nothing else depends on it).
+        """
+        blob = self._seal_json(record, RECORD_AAD + doc_id.encode())
+        sql = "INSERT OR REPLACE INTO context_records (doc_id, version, lineage, data) VALUES (?, ?, ?, ?)"
+        return self._submit(_Op(self._future(), "write", lambda conn: conn.execute(sql, (doc_id, version, lineage, blob))))
+
+    async def heads(self) -> list[StoredHead]:
+        """
+        Every stored context's version and lineage, and its record if still valid (see
+        :meth:`put_record`), ordered by doc id, without reading any update.
+
+        Raises:
+            StoreError: If the read failed.
+        """
+
+        def read(conn: sqlite3.Connection) -> list[StoredHead]:
+            rows = conn.execute(
+                """SELECT c.doc_id, c.lineage, c.base_version, c.history_from,
+                          (SELECT version FROM checkpoints k WHERE k.doc_id = c.doc_id),
+                          (SELECT MAX(version) FROM updates u WHERE u.doc_id = c.doc_id),
+                          (SELECT MAX(version) FROM history h WHERE h.doc_id = c.doc_id),
+                          r.version, r.lineage, r.data
+                   FROM contexts c LEFT JOIN context_records r ON r.doc_id = c.doc_id
+                   ORDER BY c.doc_id"""
+            ).fetchall()
+            heads = []
+            for doc_id, lineage, base, history_from, checkpoint, logged, recorded, r_version, r_lineage, data in rows:
+                version = max(checkpoint or 0, logged or 0, base, history_from - 1, recorded or 0)
+                record = None
+                if data is not None and r_version == version and r_lineage == lineage:
+                    try:
+                        record = self._unseal_json(data, RECORD_AAD + doc_id.encode(), doc_id, "the record")
+                    except StoreCorrupt:
+                        record = None  # a cache: rebuilt from the log instead
+                heads.append(StoredHead(DocId(doc_id), version, lineage, record if isinstance(record, dict) else None))
+            return heads
+
+        return await self._call(read)
 
     async def context_ids(self) -> list[DocId]:
         """
@@ -1151,6 +1213,7 @@ class Store:
                 (convert_aad(info, aad + b"\x00info", f"snapshot {sid}"),
                  convert_aad(entries, aad + b"\x00entries", f"snapshot {sid}"), sid),
             )  # fmt: skip
+        conn.execute("DELETE FROM context_records")  # a cache: rewritten at the next unloads
         for wid, data in conn.execute("SELECT id, data FROM webhooks").fetchall():
             conn.execute("UPDATE webhooks SET data = ? WHERE id = ?", (convert_aad(data, WEBHOOK_AAD + wid.encode(), f"webhook {wid}"), wid))
         for seq, wid, data in conn.execute("SELECT seq, webhook_id, data FROM webhook_failures").fetchall():

@@ -171,6 +171,8 @@ class NetNode:
         self.node_id: NodeId = self.identity.node_id
         self.sync = sync
         self.compact_threshold = compact_threshold
+        self.unload_at_start = False
+        """Open the mesh with ``load(unload=True)`` (what the daemon does with ``store.unload_idle_s`` on)."""
         self.store: Store | None = None
         self.mesh: Mesh | None = None
         self.restarts = 0
@@ -196,7 +198,7 @@ class NetNode:
             cert_path=self.dir / "node.crt",
             key_path=self.dir / "node.key",
         )
-        await self.mesh.load()
+        await self.mesh.load(unload=self.unload_at_start)
         self.mesh.start_peers()  # no addresses: starts no dial loop
         return self.mesh
 

@@ -378,10 +378,12 @@ class MeshModel(RuleBasedStateMachine):
         assert doc in mesh.parked and doc not in mesh.contexts
 
     @precondition(lambda self: self.net is not None)
-    @rule(i=st.integers(0, 3), relink=st.booleans())
+    @rule(i=st.integers(0, 3), relink=st.booleans(), unload=st.booleans())
     @step
-    def restart(self, i: int, relink: bool) -> None:
-        self.run(self.n.restart(self.node(i), relink=relink))
+    def restart(self, i: int, relink: bool, unload: bool) -> None:
+        node = self.node(i)
+        node.unload_at_start = unload  # as the daemon does: every context unloaded, or taken from its record
+        self.run(self.n.restart(node, relink=relink))
 
     @precondition(lambda self: self.net is not None and CRASHES)
     @rule(

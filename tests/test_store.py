@@ -121,6 +121,32 @@ async def test_load_now_reads_what_is_committed_on_the_calling_thread(tmp_path: 
         store.load_now(CTX)
 
 
+async def test_a_record_is_valid_only_for_the_version_and_lineage_it_was_made_for(tmp_path: Path) -> None:
+    """heads() gives a context's record back only while its stored version and lineage are the record's."""
+    path, writer = tmp_path / "store.db", Writer()
+    async with Store(path) as store:
+        await store.append(CTX, 1, writer.set("k", "1"), lineage="L1")
+        await store.append(CTX, 2, writer.set("k", "2"), lineage="L1")
+        await store.append(DocId("other"), 1, Writer().set("k", "1"), lineage="L2")
+        await store.put_record(CTX, 2, "L1", {"any": ["json"]})
+        await store.put_record(DocId("other"), 1, "L2", {"n": 1})
+        heads = {h.doc_id: h for h in await store.heads()}
+        assert (heads[CTX].version, heads[CTX].lineage, heads[CTX].record) == (2, "L1", {"any": ["json"]})
+        await store.append(CTX, 3, writer.set("k", "3"), lineage="L1")  # a later version: stale
+        await store.reset_context(DocId("other"), "L3", 1)  # same version, another lineage: gone
+        heads = {h.doc_id: h for h in await store.heads()}
+        assert (heads[CTX].version, heads[CTX].record) == (3, None)
+        assert (heads[DocId("other")].version, heads[DocId("other")].lineage, heads[DocId("other")].record) == (1, "L3", None)
+        await store.put_record(CTX, 3, "L1", {"n": 3})
+        await store.compact(CTX)  # same content, same version: still valid
+    async with Store(path) as store:
+        assert [(h.doc_id, h.record) for h in await store.heads()] == [(CTX, {"n": 3}), (DocId("other"), None)]
+    with sqlite3.connect(path) as db:  # a record that cannot be unsealed is only a missing cache
+        db.execute("UPDATE context_records SET data = x'00'")
+    async with Store(path) as store:
+        assert [(h.version, h.record) for h in await store.heads()] == [(3, None), (1, None)]
+
+
 async def test_meta_round_trips(tmp_path: Path) -> None:
     """Stores, replaces and reloads node-wide settings."""
     async with Store(tmp_path / "store.db") as store:

@@ -465,7 +465,7 @@ async def test_version_1_store_migrates_to_legacy_lineage_and_history_from(tmp_p
         by_id = {c.doc_id: c for c in await store.load_all()}
         pages = {d: await store.read_history(DocId(d), since=0) for d in "abcd"}
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema_version() == 4
     assert {d: c.lineage for d, c in by_id.items()} == dict.fromkeys("abcd", LEGACY_LINEAGE)
     assert {d: c.history_from for d, c in by_id.items()} == {"a": 4, "b": 10, "c": 1, "d": 5}
     assert {d: c.version for d, c in by_id.items()} == {"a": 3, "b": 9, "c": 0, "d": 4}

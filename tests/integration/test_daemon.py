@@ -373,7 +373,8 @@ def test_contexts_left_unused_are_unloaded_and_loaded_back_when_needed(make_node
     """
     With ``[store] unload_idle_s = 1``: contexts nobody uses leave memory but stay in status
     (marked unloaded); a peer's reconnect that brings nothing new loads none of them; a read,
-    or a peer's new write, loads the one it needs. A restart starts with every context unloaded.
+    or a peer's new write, loads the one it needs. A restart starts with every context unloaded,
+    taken from the records its unloads left in the store (none rebuilt).
     """
     a, b = make_node("alice"), make_node("bob")
     for n in (a, b):
@@ -401,6 +402,7 @@ def test_contexts_left_unused_are_unloaded_and_loaded_back_when_needed(make_node
     wait_for(lambda: a.connected_to(b) and b.connected_to(a))
     wait_for(lambda: all(c["in_sync"] for p in b.status()["peers"] for c in p["contexts"].values()))
     assert unloaded(b) == {"notes", "tasks", "other"} and b.status()["node"]["context_loads_total"] == 0
+    assert b.events("node.started", since_start=True)[-1]["contexts_rebuilt"] == 0  # taken from the records of its unloads
     assert a.status()["node"]["context_loads_total"] == 0
     # A read loads one context back; a peer's write loads it on the other side.
     assert a.get("notes", "k") == "notes-1"
