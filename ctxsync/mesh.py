@@ -485,6 +485,8 @@ class Mesh:
             for head in await self.store.heads():
                 parked = _parked_from_record(head)
                 if parked is not None:  # unloaded in an earlier run, unchanged since: nothing to rebuild
+                    assert head.record is not None
+                    self.clock.observe(head.record.get("hlc"))  # as a rebuild would have: later writes sort after its own
                     self.parked[head.doc_id] = parked
                     self._stored_version[head.doc_id] = head.version
                     continue
@@ -1578,7 +1580,10 @@ class Mesh:
         ctx.close()
         del self.contexts[doc_id]
         self.unloads += 1
-        record = {"state_vector": _b64(state), "delete_set": _b64(delete_set), "summary": self.parked[doc_id].summary}
+        record = {
+            "state_vector": _b64(state), "delete_set": _b64(delete_set), "summary": self.parked[doc_id].summary,
+            "hlc": self.clock.latest,  # >= every timestamp in the context: a start that takes the record feeds its clock
+        }  # fmt: skip
         try:  # so that the next start need not rebuild it (see Store.heads)
             self.store.put_record(doc_id, self.parked[doc_id].version, self.parked[doc_id].lineage, record).add_done_callback(
                 functools.partial(_record_written, doc_id)
@@ -1613,6 +1618,9 @@ class Mesh:
             ctx = self._context_from(stored, parked, parked.client_id)
             have = decode_state_vector(ctx.doc.get_state())
             missing = sum(1 for client, clock in parked.clocks.items() if have.get(client, 0) < clock)
+            if missing:  # see below: again, under a new client id
+                ctx.close()
+                ctx = self._context_from(stored, parked, None)
         except StoreError as exc:
             log.error("context.load_failed", doc_id=doc_id, error=str(exc), retry_in_s=LOAD_RETRY_S)
             parked.failed_at = time.monotonic()
@@ -1623,8 +1631,6 @@ class Mesh:
             # what it holds, under a new client id (this node's old one may have structs that
             # peers hold and the store lost), keep it loaded for the rest of the run, and ask
             # every peer for the rest.
-            ctx.close()
-            ctx = self._context_from(stored, parked, None)
             self._incomplete.add(doc_id)
             log.error(
                 "context.load_incomplete", doc_id=doc_id, clients_behind=missing,

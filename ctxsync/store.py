@@ -65,6 +65,13 @@ APPLICATION_ID = 0x63747873
 BUSY_TIMEOUT_S = 5.0
 """How long SQLite waits for a lock held by another connection, in seconds."""
 
+_ROWS_NOW = (
+    "(SELECT COALESCE(MAX(upto_seq), 0) FROM checkpoints WHERE doc_id = ?), "
+    "(SELECT COALESCE(MAX(seq), 0) FROM updates WHERE doc_id = ?), "
+    "(SELECT COUNT(*) FROM updates WHERE doc_id = ?)"
+)
+"""A context's rows as a record describes them: its checkpoint's upto_seq, its last log seq, its log rows."""
+
 READER_TIMEOUT_S = 1.0
 """Seconds :meth:`Store.load_now` waits for a lock (it runs on the event loop; a WAL reader
 waits only while SQLite recovers the log after a crash)."""
@@ -903,8 +910,12 @@ class Store:
             A future of the commit (a StoreError if it failed; nothing else depends on it).
         """
         blob = self._seal_json(record, RECORD_AAD + doc_id.encode())
-        sql = "INSERT OR REPLACE INTO context_records (doc_id, version, lineage, data) VALUES (?, ?, ?, ?)"
-        return self._submit(_Op(self._future(), "write", lambda conn: conn.execute(sql, (doc_id, version, lineage, blob))))
+        # The rows it describes, as they are when the record is committed (after every append
+        # queued before it): rows lost or added since make it stale even at the same version.
+        sql = f"""INSERT OR REPLACE INTO context_records (doc_id, version, lineage, data, upto_seq, last_seq, log_rows)
+                  SELECT ?, ?, ?, ?, {_ROWS_NOW}"""
+        args = (doc_id, version, lineage, blob, doc_id, doc_id, doc_id)
+        return self._submit(_Op(self._future(), "write", lambda conn: conn.execute(sql, args)))
 
     async def heads(self) -> list[StoredHead]:
         """
@@ -917,19 +928,21 @@ class Store:
 
         def read(conn: sqlite3.Connection) -> list[StoredHead]:
             rows = conn.execute(
-                """SELECT c.doc_id, c.lineage, c.base_version, c.history_from,
+                f"""SELECT c.doc_id, c.lineage, c.base_version, c.history_from,
                           (SELECT version FROM checkpoints k WHERE k.doc_id = c.doc_id),
                           (SELECT MAX(version) FROM updates u WHERE u.doc_id = c.doc_id),
                           (SELECT MAX(version) FROM history h WHERE h.doc_id = c.doc_id),
-                          r.version, r.lineage, r.data
+                          r.version, r.lineage, r.data, r.upto_seq, r.last_seq, r.log_rows,
+                          {_ROWS_NOW.replace("?", "c.doc_id")}
                    FROM contexts c LEFT JOIN context_records r ON r.doc_id = c.doc_id
                    ORDER BY c.doc_id"""
             ).fetchall()
             heads = []
-            for doc_id, lineage, base, history_from, checkpoint, logged, recorded, r_version, r_lineage, data in rows:
+            for row in rows:
+                doc_id, lineage, base, history_from, checkpoint, logged, recorded, r_version, r_lineage, data = row[:10]
                 version = max(checkpoint or 0, logged or 0, base, history_from - 1, recorded or 0)
                 record = None
-                if data is not None and r_version == version and r_lineage == lineage:
+                if data is not None and r_version == version and r_lineage == lineage and row[10:13] == row[13:16]:
                     try:
                         record = self._unseal_json(data, RECORD_AAD + doc_id.encode(), doc_id, "the record")
                     except StoreCorrupt:
@@ -1497,8 +1510,15 @@ class Store:
         version = max([checkpoint[1] if checkpoint else 0, *(r[1] for r in rows)])
         try:
             conn.execute("BEGIN IMMEDIATE")
+            before = conn.execute(f"SELECT {_ROWS_NOW}", (doc_id,) * 3).fetchone()
             conn.execute(_PUT_CHECKPOINT, (doc_id, sealed_update, sealed_state_vector, version, upto_seq))
             conn.execute("DELETE FROM updates WHERE doc_id = ? AND seq <= ?", (doc_id, upto_seq))
+            # Same content, other rows: a record that described the rows before still describes the context.
+            conn.execute(
+                f"UPDATE context_records SET (upto_seq, last_seq, log_rows) = (SELECT {_ROWS_NOW}) "
+                "WHERE doc_id = ? AND (upto_seq, last_seq, log_rows) = (?, ?, ?)",
+                (doc_id, doc_id, doc_id, doc_id, *before),
+            )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(conn)

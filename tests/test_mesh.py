@@ -610,6 +610,7 @@ async def test_a_start_takes_unloaded_contexts_from_their_records(make: Callable
     assert sorted(a.unload_idle(0.0)) == ["changed", "kept"]
     await a.write(DocId("changed"), [("k", '"changed-2"')])  # loaded back and changed: its record is stale
     before = {d: {**c, "loaded": False} for d, c in a.status()["contexts"].items()}
+    latest = a.clock.latest
     await na.close()
     for expect_rebuilt in (1, 0):  # the second start finds both records valid
         store = Store(na.dir / "store.db")
@@ -619,13 +620,14 @@ async def test_a_start_takes_unloaded_contexts_from_their_records(make: Callable
         try:
             await m.load(unload=True)
             assert m.rebuilt == expect_rebuilt and sorted(m.parked) == ["changed", "kept"] and not m.contexts
+            assert m.clock.latest >= latest  # fed from the records: the next write sorts after every earlier one
             assert m.status()["contexts"] == before
             assert m.get(DocId("kept"), "k").value == '"kept-1"' and m.get(DocId("changed"), "k").value == '"changed-2"'
             version = m.version_of(DocId("kept"))
             assert await m.write(DocId("kept"), [("k2", "1")]) == (version + 1, 1)
             await m.write(DocId("kept"), [("k2", None)])  # back to one entry, as the next round expects
             assert sorted(m.unload_idle(0.0)) == ["changed", "kept"]
-            before = m.status()["contexts"]
+            before, latest = m.status()["contexts"], m.clock.latest
         finally:
             await m.stop()
             await store.__aexit__(None, None, None)
