@@ -418,6 +418,17 @@ def test_gc_is_paused_only_while_a_large_update_is_applied() -> None:
 # -- unloading idle contexts ---------------------------------------------------------------
 
 
+async def synced_pair(make: Callable[[str], Node], doc: DocId) -> tuple[Node, Node, Mesh, Mesh]:
+    """Two meshes, a and b, paired and linked, both holding ``doc`` with ``k = 1`` written on a."""
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    link(a, b)
+    await a.write(doc, [("k", "1")])
+    await wait_until(lambda: value(b, doc, "k") == "1", T)
+    return na, nb, a, b
+
+
 async def test_an_unloaded_context_is_read_written_and_shown_like_a_loaded_one(make: Callable[[str], Node]) -> None:
     """Unloading keeps a context's figures in status; a read loads it back, and writes go on from its version."""
     na = make("a")
@@ -491,13 +502,8 @@ async def test_peers_sync_an_unloaded_context_and_load_it_only_for_new_content(m
 
 async def test_a_context_the_store_lost_while_unloaded_comes_back_from_its_peers(make: Callable[[str], Node]) -> None:
     """If the store lost part of an unloaded context, what it holds is loaded under a new client id and the peers resync the rest."""
-    na, nb = make("a"), make("b")
-    a = await na.open([nb])
-    b = await nb.open([na])
-    link(a, b)
     doc = DocId("ctx")
-    await b.write(doc, [("k", "1")])
-    await wait_until(lambda: value(a, "ctx", "k") == "1", T)
+    _, nb, a, b = await synced_pair(make, doc)
     await b.write(doc, [("k", "2"), ("b2", "true")])
     await wait_until(lambda: value(a, "ctx", "b2") == "true", T)
     await wait_until(lambda: b.unload(doc), T)
@@ -551,13 +557,8 @@ async def test_a_context_whose_update_the_store_dropped_stays_loaded(
     """After store.retention_full dropped a peer's update of a context, the store lacks part of it: never unloaded."""
     monkeypatch.setattr(mesh_module, "MAX_UNPERSISTED_BYTES", 0)  # nothing is kept for a retry: dropped at once
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
-    na, nb = make("a"), make("b")
-    a = await na.open([nb])
-    b = await nb.open([na])
-    link(a, b)
     doc = DocId("ctx")
-    await a.write(doc, [("k", "1")])
-    await wait_until(lambda: value(b, "ctx", "k") == "1", T)
+    _, nb, a, b = await synced_pair(make, doc)
     blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # b's store cannot commit
     with structlog.testing.capture_logs() as logs:
@@ -577,13 +578,8 @@ async def test_a_peer_update_dropped_by_a_failed_load_comes_again(
 ) -> None:
     """A load that fails drops the peer's update for that context: it is marked out of sync and synced again once loading works."""
     monkeypatch.setattr(mesh_module, "LOAD_RETRY_S", 0.3)
-    na, nb = make("a"), make("b")
-    a = await na.open([nb])
-    b = await nb.open([na])
-    link(a, b)
     doc = DocId("ctx")
-    await a.write(doc, [("k", "1")])
-    await wait_until(lambda: value(b, "ctx", "k") == "1", T)
+    _, nb, a, b = await synced_pair(make, doc)
     await wait_until(lambda: doc in b.parked or b.unload(doc), T)
     with sqlite3.connect(nb.dir / "store.db", isolation_level=None) as db:  # the rows cannot be read for a while
         rows = db.execute("SELECT seq, data FROM updates WHERE doc_id = ?", (doc,)).fetchall()
