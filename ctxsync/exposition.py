@@ -281,21 +281,18 @@ class StatusCollector(Collector):
         )
         _add(family, [], node.get("last_loop_stall_s"))
         yield family
-        counter = _counter("ctxsync_updates_in_total", "Updates received from peers and applied here.")
-        _add(counter, [], node.get("updates_in_total"))
-        yield counter
-        counter = _counter("ctxsync_updates_out_total", "Updates sent to peers.")
-        _add(counter, [], node.get("updates_out_total"))
-        yield counter
+        for name, key, documentation in (
+            ("ctxsync_updates_in_total", "updates_in_total", "Updates received from peers and applied here."),
+            ("ctxsync_updates_out_total", "updates_out_total", "Updates sent to peers."),
+            ("ctxsync_context_loads_total", "context_loads_total", "Unloaded contexts loaded back from the store since start."),
+            ("ctxsync_context_unloads_total", "context_unloads_total", "Contexts unloaded from memory since start."),
+        ):
+            counter = _counter(name, documentation)
+            _add(counter, [], node.get(key))
+            yield counter
         family = _gauge("ctxsync_contexts_loaded", "Contexts whose document is in memory (the others are unloaded).")
         _add(family, [], node.get("contexts_loaded"))
         yield family
-        counter = _counter("ctxsync_context_loads_total", "Unloaded contexts loaded back from the store since start.")
-        _add(counter, [], node.get("context_loads_total"))
-        yield counter
-        counter = _counter("ctxsync_context_unloads_total", "Contexts unloaded from memory since start (unused for store.unload_idle_s).")
-        _add(counter, [], node.get("context_unloads_total"))
-        yield counter
 
         store = _section(status, "store")
         family = _gauge(
