@@ -473,10 +473,12 @@ class Mesh:
         Rebuild every context from the store.
 
         Args:
-            unload: Unload each context as soon as it is rebuilt (:meth:`unload`; those it keeps
-                stay loaded), so that a start holds one document at a time and a node holding
-                many contexts does not keep them all in memory until they go unused: they are
-                loaded back on first use.
+            unload: Take each context unchanged since an earlier run unloaded it from the record
+                that unload stored (:meth:`Store.heads`: no update is read), and unload each
+                other one as soon as it is rebuilt (:meth:`unload`; those it keeps stay
+                loaded): a start holds one document at a time, and a node holding many contexts
+                does not keep them all in memory until they go unused; they are loaded back on
+                first use.
 
         Raises:
             StoreCorrupt: A stored update cannot be applied.
