@@ -903,10 +903,6 @@ class Mesh:
                 hint=f"ctxsync context adopt {doc_id} --from {session.peer_id}",
             )
 
-    @staticmethod
-    def _lineage_matches(st: PeerState, ctx: Context) -> bool:
-        return st.remote_lineage.get(ctx.doc_id, ctx.lineage) == ctx.lineage
-
     def _apply_remote(self, session: PeerSession, doc_id: DocId, updates: list[bytes], origin_ms: int = 0) -> None:
         received = sum(1 for u in updates if u != _EMPTY_UPDATE)  # an empty step 2 is no update
         self.updates_received += received
