@@ -1138,7 +1138,11 @@ class Mesh:
         """
         pending = list(self._unpersisted)
         await asyncio.gather(
-            *(self.store.append(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history) for p in pending)
+            *(
+                self.store.append(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
+                for p in pending
+                if p.lineage == self._lineage_of(p.doc_id)  # not one of a lineage since adopted away: dropped with it
+            )
         )
         del self._unpersisted[: len(pending)]
         self._unpersisted_bytes = sum(len(p.update) for p in self._unpersisted)
@@ -1427,7 +1431,12 @@ class Mesh:
             NotFound: ``peer_id`` is not a paired peer.
             EntryError: The peer has not announced the context (connect first), or the
                 lineages already match.
+            ContextRebuilding: The context is being rebuilt from the store (retry).
             StoreError: The store could not commit the reset (nothing changed).
+
+        While the store resets the context, writes to it and peers' updates of it are refused
+        or dropped, and updates of it kept for a retry after a store failure are dropped with
+        the old lineage: none of them may land among the adopted lineage's rows.
         """
         st = self.peers.get(peer_id)
         if st is None:
@@ -1439,8 +1448,24 @@ class Mesh:
             )
         if self._lineage_of(doc_id) == lineage:
             raise EntryError(f"context {doc_id!r} already has {st.config.name}'s lineage: nothing to adopt")
+        current, resting = self.contexts.get(doc_id), self.parked.get(doc_id)
+        if current is not None and current.rebuilding:
+            raise ContextRebuilding(f"context {doc_id!r} is being rebuilt from the store; retry in a moment")
+        # While the store resets it, nothing may reach the old lineage: a write or a peer's
+        # update stored after the reset would land among the adopted lineage's rows.
+        if current is not None:
+            current.rebuilding = True
+        if resting is not None:
+            resting.failed_at, resting.failure = time.monotonic(), f"context {doc_id!r} is being adopted; retry in a moment"
         version = self.version_of(doc_id)
-        await self.store.reset_context(doc_id, lineage, version)
+        try:
+            await self.store.reset_context(doc_id, lineage, version)
+        except BaseException:
+            if current is not None:
+                current.rebuilding = False
+            if resting is not None:
+                resting.failed_at = 0.0
+            raise
         self._stored_version[doc_id] = max(self._stored_version.get(doc_id, 0), version)
         # The await let other work run: read the context as it is now (loaded or not; it is
         # replaced, so an unloaded one is not loaded back).

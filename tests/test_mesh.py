@@ -17,7 +17,8 @@ from ctxsync import store as store_module
 from ctxsync.config import NodeConfig, PeerConfig, SyncConfig
 from ctxsync.crypto import generate_identity
 from ctxsync.mesh import Mesh, backoff, is_retryable
-from ctxsync.errors import ContextLoadFailed, EntryError, HandshakeRejected, NotFound, PeerUnreachable
+from ctxsync.entries import Clock
+from ctxsync.errors import ContextLoadFailed, EntryError, HandshakeRejected, NotFound, PeerUnreachable, StoreError
 from ctxsync.store import Store
 from ctxsync.types import DocId, NodeId
 from ctxsync.yupdate import decode_state_vector
@@ -627,3 +628,59 @@ async def test_a_start_takes_unloaded_contexts_from_their_records(make: Callable
         finally:
             await m.stop()
             await store.__aexit__(None, None, None)
+
+
+async def stored_values(node: Node, doc: DocId) -> dict[str, str | None]:
+    """``doc``'s entries (key -> value JSON) as ``node``'s store holds them (close its mesh first)."""
+    async with Store(node.dir / "store.db") as store:
+        (stored,) = [s for s in await store.load_all() if s.doc_id == doc]
+    ctx = mesh_module.Context(doc, node.node_id, Clock(), lineage=stored.lineage)
+    ctx.load(stored.updates)
+    return {e.key: e.value for e in ctx.entries.entries("")}
+
+
+async def test_nothing_written_while_adopt_resets_the_store_lands_in_the_adopted_lineage(
+    make: Callable[[str], Node], tmp_path: Path
+) -> None:
+    """A write submitted while adopt() waits for the store is refused: it belongs to the lineage being dropped."""
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    doc = DocId("ctx")
+    await a.write(doc, [("k", '"from-a"')])
+    await b.write(doc, [("k", '"from-b"')])
+    link(a, b)
+    await wait_until(lambda: len(b.lineage_mismatches()) == 1, T)
+    adopting = asyncio.ensure_future(b.adopt(doc, na.node_id))
+    await asyncio.sleep(0)  # adopt() is now waiting for the store's reset
+    with pytest.raises(StoreError, match="being rebuilt"):
+        await b.write(doc, [("late", '"old lineage"')])
+    await adopting
+    await wait_until(lambda: value(b, "ctx", "k") == '"from-a"', T)
+    await nb.close()
+    assert await stored_values(nb, doc) == {"k": '"from-a"'}
+
+
+async def test_an_update_kept_for_a_retry_is_dropped_with_the_lineage_adopt_leaves(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the failing store could not take is retried later: not after adopt() left its lineage."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
+    na, nb = make("a"), make("b")
+    a = await na.open([nb])
+    b = await nb.open([na])
+    doc = DocId("ctx")
+    await a.write(doc, [("k", '"from-a"')])
+    await b.write(doc, [("k", '"from-b"')])
+    link(a, b)
+    await wait_until(lambda: len(b.lineage_mismatches()) == 1, T)
+    blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreError, match="not acknowledged"):
+        await b.write(doc, [("late", '"old lineage"')])  # kept in memory, retried once the store works
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await b.adopt(doc, na.node_id)  # before the retry (0.5 s later)
+    await wait_until(lambda: b.store_failing is None and value(b, "ctx", "k") == '"from-a"', T)
+    await nb.close()
+    assert await stored_values(nb, doc) == {"k": '"from-a"'}
