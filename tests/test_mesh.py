@@ -639,18 +639,24 @@ async def stored_values(node: Node, doc: DocId) -> dict[str, str | None]:
     return {e.key: e.value for e in ctx.entries.entries("")}
 
 
-async def test_nothing_written_while_adopt_resets_the_store_lands_in_the_adopted_lineage(
-    make: Callable[[str], Node], tmp_path: Path
-) -> None:
-    """A write submitted while adopt() waits for the store is refused: it belongs to the lineage being dropped."""
+async def split_pair(make: Callable[[str], Node], doc: DocId) -> tuple[Node, Node, Mesh, Mesh]:
+    """Two meshes, a and b, that each made ``doc`` on their own (``k`` = "from-a" / "from-b"), then linked: b sees the mismatch."""
     na, nb = make("a"), make("b")
     a = await na.open([nb])
     b = await nb.open([na])
-    doc = DocId("ctx")
     await a.write(doc, [("k", '"from-a"')])
     await b.write(doc, [("k", '"from-b"')])
     link(a, b)
     await wait_until(lambda: len(b.lineage_mismatches()) == 1, T)
+    return na, nb, a, b
+
+
+async def test_nothing_written_while_adopt_resets_the_store_lands_in_the_adopted_lineage(
+    make: Callable[[str], Node],
+) -> None:
+    """A write submitted while adopt() waits for the store is refused: it belongs to the lineage being dropped."""
+    doc = DocId("ctx")
+    na, nb, a, b = await split_pair(make, doc)
     adopting = asyncio.ensure_future(b.adopt(doc, na.node_id))
     await asyncio.sleep(0)  # adopt() is now waiting for the store's reset
     with pytest.raises(StoreError, match="being rebuilt"):
@@ -666,14 +672,8 @@ async def test_an_update_kept_for_a_retry_is_dropped_with_the_lineage_adopt_leav
 ) -> None:
     """A write the failing store could not take is retried later: not after adopt() left its lineage."""
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
-    na, nb = make("a"), make("b")
-    a = await na.open([nb])
-    b = await nb.open([na])
     doc = DocId("ctx")
-    await a.write(doc, [("k", '"from-a"')])
-    await b.write(doc, [("k", '"from-b"')])
-    link(a, b)
-    await wait_until(lambda: len(b.lineage_mismatches()) == 1, T)
+    na, nb, a, b = await split_pair(make, doc)
     blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(StoreError, match="not acknowledged"):
