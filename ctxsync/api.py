@@ -506,9 +506,10 @@ class Api:
         doc_id = _doc_id(req)
         name = req.get("name")
         if name is None:
-            if not self.mesh.has_context(doc_id):
+            current = self.mesh.strategy_of(doc_id)
+            if current is None:
                 raise NotFound(f"no context {doc_id!r}")
-            return self._ok(req_id, self.mesh.context_status(doc_id)["strategy"])
+            return self._ok(req_id, current)
         if name not in STRATEGIES:
             raise _BadRequest(f"name must be one of {', '.join(STRATEGIES)}")
         priority = req.get("priority", [])

@@ -313,9 +313,10 @@ class Daemon:
     async def _unload_idle(self, idle_s: float) -> None:
         """
         Unload from memory each context not read, written or synced for ``idle_s`` seconds
-        (:meth:`Mesh.unload_idle`), then give the freed memory back to the system. A context costs memory for as long as it is loaded (its document and entry index:
-        measured about 350 KiB for 300 live entries, four times its encoded size), so without
-        this a daemon that runs for months grows with every context it ever held.
+        (:meth:`Mesh.unload_idle`), then give the freed memory back to the system. A context
+        costs memory for as long as it is loaded (its document and entry index: measured about
+        350 KiB for 300 live entries, four times its encoded size), so without this a daemon
+        that runs for months grows with every context it ever held.
         """
         assert self.mesh is not None
         while True:

@@ -1522,6 +1522,14 @@ class Mesh:
         parked = self.parked.get(doc_id)
         return parked.version if parked is not None else 0
 
+    def strategy_of(self, doc_id: DocId) -> dict[str, Any] | None:
+        """A context's conflict strategy as JSON (``Strategy.to_json``), without loading it; None if not held."""
+        ctx = self.contexts.get(doc_id)
+        if ctx is not None:
+            return ctx.entries.strategy.to_json()
+        parked = self.parked.get(doc_id)
+        return dict(parked.summary["strategy"]) if parked is not None else None
+
     def entry_count(self) -> int:
         """Live entries of every context, loaded or not."""
         return sum(len(c.entries) for c in self.contexts.values()) + sum(int(p.summary["entries"]) for p in self.parked.values())

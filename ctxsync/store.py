@@ -952,15 +952,6 @@ class Store:
 
         return await self._call(read)
 
-    async def context_ids(self) -> list[DocId]:
-        """
-        Every stored context's doc id, sorted.
-
-        Raises:
-            StoreError: If the read failed.
-        """
-        return await self._call(lambda conn: [DocId(r[0]) for r in conn.execute("SELECT doc_id FROM contexts ORDER BY doc_id")])
-
     async def load(self, doc_id: DocId) -> StoredContext | None:
         """
         Read one context (after every write queued before this call), or None if it is not stored.
