@@ -251,7 +251,7 @@ class Daemon:
         Static peer addresses work meanwhile. A setting that can never work (a listen host that
         is a name, not an address) turns discovery off at once.
         """
-        from ctxsync.discovery import Discovery, DiscoveryError  # zeroconf costs ~3.6 MiB: only when enabled
+        from ctxsync.discovery import Discovery, DiscoveryError  # it imports zeroconf only once mDNS can run
         from ctxsync.mesh import backoff
 
         assert self.mesh is not None

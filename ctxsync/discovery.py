@@ -18,7 +18,9 @@ mutual TLS pins the certificate, so a forged announcement costs a failed dial, n
 config win over discovered ones.
 
 Rule: an I/O adapter, like ``transport.py``. It imports zeroconf, ifaddr, asyncio and structlog,
-and from ctxsync only ``errors``, ``types`` and ``crypto``. It never dials and never reads the
+and from ctxsync only ``errors``, ``types`` and ``crypto``. zeroconf is imported only once an
+interface is found usable (:meth:`Discovery.start`): it adds about 3.4 MiB to the daemon's RSS,
+which a machine or listen address without multicast would hold for nothing. It never dials and never reads the
 config. Everything zeroconf raises is translated here, once, into :class:`DiscoveryError`; nothing
 a peer sends can raise into zeroconf's record handling (malformed services are logged at DEBUG
 and ignored).
@@ -32,17 +34,14 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ifaddr
 import structlog
-from zeroconf import (
-    NonUniqueNameException,
-    ServiceInfo,
-    ServiceStateChange,
-    Zeroconf,
-)
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+if TYPE_CHECKING:
+    from zeroconf import ServiceInfo, ServiceStateChange, Zeroconf
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from .crypto import parse_node_id, short_id
 from .errors import CryptoError, CtxSyncError, InvalidState
@@ -387,7 +386,8 @@ class Discovery:
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError):
             return f"mDNS discovery did not start within {self._start_timeout} s"
-        if isinstance(exc, NonUniqueNameException):
+        zeroconf = sys.modules.get("zeroconf")  # imported by _start, if it got that far
+        if zeroconf is not None and isinstance(exc, zeroconf.NonUniqueNameException):
             return (
                 f"another mDNS responder already announces node {short_id(self.node_id)}: "
                 "is ctxsync already running with this identity?"
@@ -406,6 +406,11 @@ class Discovery:
             reasons = "; ".join(problems) or "no interface has an IPv4 address"
             raise DiscoveryError(f"no interface is up with multicast on for mDNS: {reasons}")
         self._usable = list(usable)
+        # Imported only now: zeroconf adds about 3.4 MiB to the daemon's RSS, for nothing on a
+        # machine (or a listen address) where mDNS cannot run.
+        from zeroconf import Zeroconf
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
         zc = Zeroconf(interfaces=_one_per_interface(usable), use_asyncio=True)  # this loop: no thread
         self._aiozc = AsyncZeroconf(zc=zc)
         await zc.async_wait_for_start()
@@ -505,6 +510,8 @@ class Discovery:
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
         """Browser handler, called by zeroconf on the loop: schedule a resolution, never raise."""
+        from zeroconf import ServiceStateChange  # loaded since _start
+
         try:
             if self._closed or service_type != SERVICE_TYPE or len(name) > _MAX_NAME_CHARS:
                 return
@@ -526,6 +533,8 @@ class Discovery:
     async def _resolve(self, zeroconf: Zeroconf, name: str) -> None:
         """Load a service's SRV, TXT and address records (from the cache or by asking), then accept it."""
         try:
+            from zeroconf.asyncio import AsyncServiceInfo  # loaded since _start
+
             while True:
                 self._again.discard(name)
                 info = AsyncServiceInfo(SERVICE_TYPE, name)
