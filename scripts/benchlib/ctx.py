@@ -215,9 +215,36 @@ async def fill(c: Client, context: str, prefix: str, n: int) -> None:
     await asyncio.gather(*(worker() for _ in range(BULK_IN_FLIGHT)))
 
 
+IMPORT_FLOOR_SCRIPT = """
+import psutil, ctxsync.cli, ctxsync.daemon, ctxsync.mesh, ctxsync.api, ctxsync.store
+print(psutil.Process().memory_info().rss / 2**20)
+"""
+
+
+def import_floor_mib() -> float | None:
+    """
+    RSS in MiB of a fresh interpreter that imported what ``ctxsync run`` imports before it starts
+    anything (the CLI, the daemon and their modules: the required libraries included), and ran
+    nothing else: the part of a daemon's idle RSS that is code, not state. The same interpreter and
+    import path as the daemons; ``None`` (reported as "-") if the child fails or takes over 60 s.
+    """
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", IMPORT_FLOOR_SCRIPT], env=child_env(), capture_output=True, text=True,
+            timeout=60, check=True,
+        )  # fmt: skip
+        return round(float(out.stdout.strip().splitlines()[-1]), 1)
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return None
+
+
 @dataclass
 class CtxResults:
     idle_rss: dict[str, float] = field(default_factory=dict)
+    import_rss: float | None = None
+    """RSS (MiB) of an interpreter that imported the daemon's modules and ran nothing (import_floor_mib)."""
     latency: dict[str, float] = field(default_factory=dict)
     ack: dict[str, float] = field(default_factory=dict)
     tput: dict[str, Any] = field(default_factory=dict)
@@ -273,6 +300,7 @@ async def run_ctxsync(
         await wait_connected([a, b], {"a": ca, "b": cb}, 30)
         await asyncio.sleep(cfg.settle_s)
         r.idle_rss = {"a": rss_mib(a.daemon_pid), "b": rss_mib(b.daemon_pid)}
+        r.import_rss = import_floor_mib()
 
         # convergence latency and durable-write latency
         say(f"ctxsync: latency, {cfg.latency_writes} sequential writes a -> b")

@@ -126,6 +126,17 @@ def build_rows(cfg: Any, c: CtxResults | None, p: PwsResults | None) -> list[Row
                 _verdict(cmax < 45) if cmax is not None else "",
             )
         )
+        if c and c.import_rss is not None:
+            rows.append(
+                Row(
+                    "of which imports: the daemon's modules imported, nothing run (MiB)",
+                    f"{c.import_rss:.1f}",
+                    "-",
+                    "-",
+                    "",
+                    "",
+                )
+            )
         cmax = max(c.big_rss.values()) if c and c.big_rss else None
         ps = p.big_rss.get("server") if p else None
         rows.append(
