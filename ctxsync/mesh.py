@@ -69,7 +69,6 @@ from ctxsync.session import PeerSession
 from ctxsync.store import LEGACY_LINEAGE, Store, StoredContext, StoredHead
 from ctxsync.types import ENTRIES_ROOT, DocId, NodeId, is_valid_doc_id
 from ctxsync.yupdate import (
-    DeleteSet,
     InvalidUpdate,
     MissingDependencies,
     UpdateSummary,
@@ -219,10 +218,10 @@ class Parked:
     delete_set: bytes
     """A Yjs v1 update with no structs and the document's whole delete set
     (``Doc.get_update(state_vector)``): the answer to a sync step 1 from a peer that holds every
-    struct this node holds. A deletion moves no clock, so such a peer may still lack one."""
-    deleted: DeleteSet
-    """The same delete set, decoded: a peer's update with no structs and no deletion outside it
-    brings nothing new, and does not load the context."""
+    struct this node holds. A deletion moves no clock, so such a peer may still lack one. A peer's
+    update with no structs and no deletion outside it brings nothing new, and does not load the
+    context (:func:`_brings_nothing` decodes it for that check, and keeps nothing: decoded, the
+    delete set of a context with many overwrites took more memory than the rest of its record)."""
     summary: dict[str, Any]
     """The context's fields in :meth:`Mesh.status` (entries, tombstones, strategy, conflicts)."""
     client_id: int | None
@@ -1605,8 +1604,8 @@ class Mesh:
         state = ctx.doc.get_state()
         delete_set = ctx.doc.get_update(state)
         self.parked[doc_id] = Parked(
-            ctx.lineage, ctx.version, ctx.snapshot_at, state, decode_state_vector(state),
-            delete_set, decode_delete_set(delete_set) or {}, _summary(ctx), ctx.doc.client_id,
+            ctx.lineage, ctx.version, ctx.snapshot_at, state, decode_state_vector(state), delete_set, _summary(ctx),
+            ctx.doc.client_id,
         )  # fmt: skip
         ctx.close()
         del self.contexts[doc_id]
@@ -1944,16 +1943,16 @@ def _parked_from_record(head: StoredHead) -> Parked | None:
     try:
         state = base64.b64decode(record["state_vector"], validate=True)
         delete_set = base64.b64decode(record["delete_set"], validate=True)
-        clocks, deleted = decode_state_vector(state), decode_delete_set(delete_set)
+        clocks = decode_state_vector(state)
         summary = dict(record["summary"])
-        if deleted is None or not all(isinstance(summary.get(k), int) for k in ("entries", "tombstones", "conflicts")):
+        if decode_delete_set(delete_set) is None or not all(isinstance(summary.get(k), int) for k in ("entries", "tombstones", "conflicts")):
             return None
         if not isinstance(summary.get("strategy"), dict):
             return None
     except (KeyError, TypeError, ValueError, InvalidUpdate):
         return None
     summary.update(version=head.version, lineage=head.lineage)
-    return Parked(head.lineage, head.version, head.version, state, clocks, delete_set, deleted, summary, None)
+    return Parked(head.lineage, head.version, head.version, state, clocks, delete_set, summary, None)
 
 
 def _brings_nothing(parked: Parked, update: bytes) -> bool:
@@ -1962,9 +1961,10 @@ def _brings_nothing(parked: Parked, update: bytes) -> bool:
         return True
     try:
         theirs = decode_delete_set(update)
+        ours = decode_delete_set(parked.delete_set) if theirs is not None else None
     except InvalidUpdate:
         return False  # the load and the full check will refuse it
-    return theirs is not None and delete_set_covers(parked.deleted, theirs)
+    return theirs is not None and ours is not None and delete_set_covers(ours, theirs)
 
 
 def _summary(ctx: Context) -> dict[str, Any]:
