@@ -18,10 +18,10 @@ mutual TLS pins the certificate, so a forged announcement costs a failed dial, n
 config win over discovered ones.
 
 Rule: an I/O adapter, like ``transport.py``. It imports zeroconf, ifaddr, asyncio and structlog,
-and from ctxsync only ``errors``, ``types`` and ``crypto``. zeroconf is imported only once an
-interface is found usable (:meth:`Discovery.start`): it adds about 3.4 MiB to the daemon's RSS,
-which a machine or listen address without multicast would hold for nothing. It never dials and never reads the
-config. Everything zeroconf raises is translated here, once, into :class:`DiscoveryError`; nothing
+and from ctxsync only ``errors``, ``types`` and ``crypto``; zeroconf only once an interface is
+found usable (:meth:`Discovery.start`): it adds about 3.4 MiB to the daemon's RSS, which a
+machine or listen address without multicast would hold for nothing. It never dials and never
+reads the config. Everything zeroconf raises is translated here, once, into :class:`DiscoveryError`; nothing
 a peer sends can raise into zeroconf's record handling (malformed services are logged at DEBUG
 and ignored).
 """
@@ -510,9 +510,9 @@ class Discovery:
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
         """Browser handler, called by zeroconf on the loop: schedule a resolution, never raise."""
-        from zeroconf import ServiceStateChange  # loaded since _start
-
         try:
+            from zeroconf import ServiceStateChange  # loaded since _start
+
             if self._closed or service_type != SERVICE_TYPE or len(name) > _MAX_NAME_CHARS:
                 return
             if name.lower() == self._name.lower():

@@ -819,7 +819,7 @@ class Mesh:
             if any(u != _EMPTY_UPDATE for u in updates):
                 reason = "read-only peer" if st.config.read_only else "read-only context"
                 log.warning("peer.denied", peer_id=session.peer_id, doc_id=doc_id, reason=reason)
-        elif parked is not None and all(_brings_nothing(parked, u) for u in updates):
+        elif parked is not None and _brings_nothing(parked, updates):
             pass  # e.g. the answer to a reconnect's step 1 when nothing changed: the context stays unloaded
         else:
             origin_ms = message.origin_ms if isinstance(message, SyncUpdate) else 0
@@ -1955,16 +1955,21 @@ def _parked_from_record(head: StoredHead) -> Parked | None:
     return Parked(head.lineage, head.version, head.version, state, clocks, delete_set, summary, None)
 
 
-def _brings_nothing(parked: Parked, update: bytes) -> bool:
-    """Whether an update holds no struct and no deletion the unloaded context lacks (False if unsure)."""
-    if update == _EMPTY_UPDATE:
-        return True
-    try:
-        theirs = decode_delete_set(update)
-        ours = decode_delete_set(parked.delete_set) if theirs is not None else None
-    except InvalidUpdate:
-        return False  # the load and the full check will refuse it
-    return theirs is not None and ours is not None and delete_set_covers(ours, theirs)
+def _brings_nothing(parked: Parked, updates: list[bytes]) -> bool:
+    """Whether no update holds a struct or a deletion the unloaded context lacks (False if unsure)."""
+    ours = None
+    for update in updates:
+        if update == _EMPTY_UPDATE:
+            continue
+        try:
+            theirs = decode_delete_set(update)
+            if theirs is not None and ours is None:
+                ours = decode_delete_set(parked.delete_set)  # once per message, kept by nobody
+        except InvalidUpdate:
+            return False  # the load and the full check will refuse it
+        if theirs is None or ours is None or not delete_set_covers(ours, theirs):
+            return False
+    return True
 
 
 def _summary(ctx: Context) -> dict[str, Any]:

@@ -232,7 +232,8 @@ def import_floor_mib() -> float | None:
 
     try:
         out = subprocess.run(
-            [sys.executable, "-c", IMPORT_FLOOR_SCRIPT], env=child_env(), capture_output=True, text=True,
+            [sys.executable, "-c", IMPORT_FLOOR_SCRIPT], env={**child_env(), **CtxNode.extra_env}, capture_output=True,
+            text=True,
             timeout=60, check=True,
         )  # fmt: skip
         return round(float(out.stdout.strip().splitlines()[-1]), 1)
@@ -300,7 +301,7 @@ async def run_ctxsync(
         await wait_connected([a, b], {"a": ca, "b": cb}, 30)
         await asyncio.sleep(cfg.settle_s)
         r.idle_rss = {"a": rss_mib(a.daemon_pid), "b": rss_mib(b.daemon_pid)}
-        r.import_rss = import_floor_mib()
+        r.import_rss = await asyncio.to_thread(import_floor_mib)  # a child process: off the loop
 
         # convergence latency and durable-write latency
         say(f"ctxsync: latency, {cfg.latency_writes} sequential writes a -> b")
