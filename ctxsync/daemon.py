@@ -391,6 +391,7 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop, sig.name)
         check_permissions(self.home, cfg)
+        unloaded_at_stop = 0
         store_path = self.home / STORE_FILE
         cipher, created = open_store_key(self.home, cfg, self.env, store_cipher=Store.sealed_with(store_path))
         if created:
@@ -505,6 +506,8 @@ class Daemon:
                     await webhooks.stop()
                     await mesh.stop()
                     await mesh.flush_unpersisted()
+                    if cfg.store.unload_idle_s > 0:  # records in the store: the next start rebuilds none of these
+                        unloaded_at_stop = mesh.unload_all()
                     await recovery.stop()
                     api_server.close()
                     listener.close()
@@ -517,7 +520,7 @@ class Daemon:
                     if tracebacks is not None:
                         tracebacks.close()
             # Leaving the store's context commits everything queued, then closes it.
-        log.info("node.stopped", reason=self.stop_reason)
+        log.info("node.stopped", reason=self.stop_reason, contexts_unloaded=unloaded_at_stop)
 
 
 def _open_append(path: Path) -> TextIO:

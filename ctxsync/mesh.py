@@ -93,6 +93,9 @@ UNLOAD_MAX_STORED_BYTES = 4 * 1024 * 1024
 """Contexts whose store rows (checkpoint and log) hold more than this many bytes are never
 unloaded (:meth:`Mesh.unload`): loading one back runs on the event loop, at the moment a peer's
 update or a read needs it, and stalls the loop for as long (measured: about 30 ms per MiB stored, so up to ~130 ms)."""
+UNLOAD_AT_STOP_BUDGET_S = 2.0
+"""Longest time a clean stop spends unloading contexts to leave their records (:meth:`Mesh.unload_all`),
+in seconds. Measured: 160 contexts of 550 writes unloaded in 74-90 ms, about 0.5 ms each."""
 _EMPTY_STATE_VECTOR = b"\x00"
 
 
@@ -1568,6 +1571,25 @@ class Mesh:
         """
         now = time.monotonic()
         return [d for d, ctx in list(self.contexts.items()) if now - ctx.used_at >= idle_s and self.unload(d)]
+
+    def unload_all(self, budget_s: float = UNLOAD_AT_STOP_BUDGET_S) -> int:
+        """
+        At a clean stop (after :meth:`stop` and :meth:`flush_unpersisted`): :meth:`unload` every
+        context that can be, so that each leaves its record in the store and the next start
+        takes it from there instead of rebuilding it from its rows. Stops after ``budget_s``
+        seconds (the rest are rebuilt at the next start, as after a crash); the records are
+        committed when the store closes.
+
+        Returns:
+            How many contexts were unloaded.
+        """
+        deadline = time.monotonic() + budget_s
+        unloaded = 0
+        for doc_id in list(self.contexts):
+            if time.monotonic() >= deadline:
+                break
+            unloaded += self.unload(doc_id)
+        return unloaded
 
     def unload(self, doc_id: DocId) -> bool:
         """

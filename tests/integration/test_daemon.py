@@ -414,6 +414,31 @@ def test_contexts_left_unused_are_unloaded_and_loaded_back_when_needed(make_node
     assert not a.events("context.load_failed") and not b.events("context.load_failed")
 
 
+def test_a_clean_stop_leaves_records_so_the_next_start_rebuilds_nothing(make_node: MakeNode) -> None:
+    """
+    With the default ``unload_idle_s`` (600 s: nothing is unloaded while it runs), a clean stop
+    unloads every context it can, leaving its record; the next start takes them all from those
+    records (none rebuilt) and reads them back intact. After a crash (SIGKILL) they are rebuilt.
+    """
+    a = make_node("alice")
+    a.start()
+    for ctx in ("notes", "tasks", "other"):
+        a.cli("set", ctx, "k", f'"{ctx}-1"')
+    a.cli("set", "notes", "j", "2")
+    assert a.stop() == 0
+    assert a.events("node.stopped")[-1]["contexts_unloaded"] == 3
+    a.start()
+    assert a.events("node.started", since_start=True)[-1]["contexts_rebuilt"] == 0
+    assert {d: c["loaded"] for d, c in a.status()["contexts"].items()} == {"notes": False, "tasks": False, "other": False}
+    assert a.get("notes") == {"k": "notes-1", "j": 2} and a.get("other", "k") == "other-1"
+    a.cli("set", "tasks", "k", '"tasks-2"')  # changed since its record: rebuilt at the next start
+    a.kill()
+    a.start()
+    assert a.events("node.started", since_start=True)[-1]["contexts_rebuilt"] == 1
+    assert a.get("tasks", "k") == "tasks-2" and a.get("notes", "j") == 2
+    assert not a.events("context.load_failed")
+
+
 def test_metrics_alerts_and_status_table(make_node: MakeNode) -> None:
     """GET /metrics serves Prometheus text (token required); a configured alert is raised and cleared."""
     import urllib.error
