@@ -56,6 +56,7 @@ from ctxsync.errors import (
     CtxSyncError,
     EntryError,
     HandshakeRejected,
+    InvalidState,
     NotFound,
     PeerError,
     StoreCorrupt,
@@ -483,13 +484,15 @@ class Mesh:
                 first use.
 
         Raises:
-            StoreCorrupt: A stored update cannot be applied.
+            StoreCorrupt: A stored update cannot be applied, or (a context taken from its record)
+                a stored blob cannot be unsealed (:meth:`Store.check_sealed`).
         """
         if unload:  # one context at a time: never every stored byte in memory at once
             for head in await self.store.heads():
                 parked = _parked_from_record(head)
                 if parked is not None:  # unloaded in an earlier run, unchanged since: nothing to rebuild
                     assert head.record is not None
+                    await self.store.check_sealed(head.doc_id)  # but a damaged blob is still refused at start
                     self.clock.observe(head.record.get("hlc"))  # as a rebuild would have: later writes sort after its own
                     self.parked[head.doc_id] = parked
                     self._stored_version[head.doc_id] = head.version
@@ -940,7 +943,9 @@ class Mesh:
             return
         log.info("entry.restored", doc_id=ctx.doc_id, keys=restored)
         pending = self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
-        self._spawn(self._store_own(pending), f"restore-{ctx.doc_id}")
+        # Queued now, not by a task: a task cancelled by stop() before its first step would never
+        # queue it, and a later version's commit would then hide the gap (an unload's record).
+        self._persist_nowait(pending)
 
     async def _store_own(self, p: _Pending) -> StoreError | None:
         """
@@ -1588,7 +1593,11 @@ class Mesh:
         for doc_id in list(self.contexts):
             if time.monotonic() >= deadline:
                 break
-            unloaded += self.unload(doc_id)
+            try:
+                unloaded += self.unload(doc_id)
+            except BaseException as exc:  # a pycrdt panic: that context is rebuilt at the next start
+                _reraise_fatal(exc)
+                log.error("context.unload_failed", doc_id=doc_id, error=f"{type(exc).__name__}: {exc}")
         return unloaded
 
     def unload(self, doc_id: DocId) -> bool:
@@ -1673,7 +1682,7 @@ class Mesh:
             if missing:  # see below: again, under a new client id
                 ctx.close()
                 ctx = self._context_from(stored, parked, None)
-        except StoreError as exc:
+        except (StoreError, InvalidState) as exc:  # InvalidState: the store is closing (a late request at a stop)
             log.error("context.load_failed", doc_id=doc_id, error=str(exc), retry_in_s=LOAD_RETRY_S)
             parked.failed_at = time.monotonic()
             parked.failure = f"context {doc_id!r} cannot be loaded back from the store: {exc}"

@@ -155,6 +155,26 @@ async def test_a_record_is_valid_only_for_the_version_and_lineage_it_was_made_fo
         assert [(h.version, h.record) for h in await store.heads()] == [(5, None), (1, None)]
 
 
+async def test_check_sealed_reads_what_a_rebuild_would_and_refuses_a_damaged_blob(tmp_path: Path) -> None:
+    """check_sealed() unseals the checkpoint and the log rows after it, and names a damaged one."""
+    path, writer = tmp_path / "store.db", Writer()
+    async with Store(path, compact_threshold=1000) as store:
+        for version in range(1, 5):
+            await store.append(CTX, version, writer.set(f"k{version}", "v" * 50))
+        assert await store.compact(CTX)
+        await store.append(CTX, 5, writer.set("k5", "v"))
+        await store.append(CTX, 6, writer.set("k6", "v"))
+        stored = await store.load(CTX)
+        assert stored is not None and await store.check_sealed(CTX) == sum(map(len, stored.updates))
+        assert await store.check_sealed(DocId("missing")) == 0
+    with sqlite3.connect(path) as db:
+        seq, data = db.execute("SELECT seq, data FROM updates ORDER BY seq DESC LIMIT 1").fetchone()
+        db.execute("UPDATE updates SET data = ? WHERE seq = ?", (data[:8] + bytes(len(data) - 8), seq))  # zeroed, as by a bad disk
+    async with Store(path) as store:
+        with pytest.raises(StoreCorrupt, match=f"cannot unseal update {seq} of context 'notes'"):
+            await store.check_sealed(CTX)
+
+
 async def test_meta_round_trips(tmp_path: Path) -> None:
     """Stores, replaces and reloads node-wide settings."""
     async with Store(tmp_path / "store.db") as store:
