@@ -955,7 +955,8 @@ class Store:
     async def check_sealed(self, doc_id: DocId) -> int:
         """
         Check that every blob a rebuild of ``doc_id`` would read (its checkpoint and the log rows
-        after it) unseals: the AEAD tag proves each is byte for byte what this store wrote. What
+        after it) unseals: the store's cipher checks each is what this store wrote (an AEAD tag
+        under the store key; a CRC-32 for a store without one, :class:`ChecksumCipher`). What
         a start does for a context it takes from its record (:meth:`heads`) instead of
         rebuilding it, so that a damaged store is still refused at start; it costs a read and
         an unseal per row, not the replay and indexing of a rebuild.
