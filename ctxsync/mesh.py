@@ -477,7 +477,7 @@ class Mesh:
 
         Args:
             unload: Take each context unchanged since an earlier run unloaded it from the record
-                that unload stored (:meth:`Store.heads`: no update is read), and unload each
+                that unload stored (:meth:`Store.heads`; its rows are only unsealed, :meth:`Store.check_sealed`, not replayed), and unload each
                 other one as soon as it is rebuilt (:meth:`unload`; those it keeps stay
                 loaded): a start holds one document at a time, and a node holding many contexts
                 does not keep them all in memory until they go unused; they are loaded back on
