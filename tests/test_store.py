@@ -173,6 +173,12 @@ async def test_check_sealed_reads_what_a_rebuild_would_and_refuses_a_damaged_blo
     async with Store(path) as store:
         with pytest.raises(StoreCorrupt, match=f"cannot unseal update {seq} of context 'notes'"):
             await store.check_sealed(CTX)
+    with sqlite3.connect(path) as db:
+        (data,) = db.execute("SELECT data FROM checkpoints").fetchone()
+        db.execute("UPDATE checkpoints SET data = ?", (data[:-1] + bytes([data[-1] ^ 1]),))  # one bit flipped
+    async with Store(path) as store:
+        with pytest.raises(StoreCorrupt, match="cannot unseal the checkpoint of context 'notes'"):
+            await store.check_sealed(CTX)
 
 
 async def test_meta_round_trips(tmp_path: Path) -> None:
