@@ -300,7 +300,11 @@ def test_reset_mid_catch_up_then_converge(make_node: MakeNode, dead_addr: str) -
 
 def test_delay_and_bandwidth_limit(make_node: MakeNode, dead_addr: str) -> None:
     """Over 50 ms of latency each way and a bandwidth cap, writes converge, nothing errors, and rtt_ms shows the delay."""
-    a, b = two_nodes(make_node)
+    # A pong waits behind every byte queued before it on the capped link: the bulk below puts
+    # can put about a second of it there, so the fast keepalive's 1 s ping timeout could fire by
+    # design (it did in one CI run of the previous session and one of this). The timeout here
+    # leaves room for the queue.
+    a, b = two_nodes(make_node, ping_timeout_s=3.0)
     delay_s, cap = 0.05, 256_000
     with FaultProxy(target=("127.0.0.1", b.listen_port)) as proxy:
         proxy.delay_s = delay_s
