@@ -231,11 +231,9 @@ def import_floor_mib() -> float | None:
     import subprocess
 
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", IMPORT_FLOOR_SCRIPT], env={**child_env(), **CtxNode.extra_env}, capture_output=True,
-            text=True,
-            timeout=60, check=True,
-        )  # fmt: skip
+        env = {**child_env(), **CtxNode.extra_env}
+        argv = [sys.executable, "-c", IMPORT_FLOOR_SCRIPT]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
         return round(float(out.stdout.strip().splitlines()[-1]), 1)
     except (subprocess.SubprocessError, ValueError, IndexError, OSError):
         return None
