@@ -17,7 +17,7 @@ from ctxsync import store as store_module
 from ctxsync.config import NodeConfig, PeerConfig, SyncConfig
 from ctxsync.crypto import generate_identity
 from ctxsync.mesh import Mesh, backoff, is_retryable
-from ctxsync.entries import Clock
+from ctxsync.entries import Clock, Strategy
 from ctxsync.errors import ContextLoadFailed, EntryError, HandshakeRejected, NotFound, PeerUnreachable, StoreError
 from ctxsync.store import Store
 from ctxsync.types import DocId, NodeId
@@ -428,6 +428,31 @@ async def synced_pair(make: Callable[[str], Node], doc: DocId) -> tuple[Node, No
     await a.write(doc, [("k", "1")])
     await wait_until(lambda: value(b, doc, "k") == "1", T)
     return na, nb, a, b
+
+
+async def test_a_change_made_while_a_received_update_waits_for_the_store_is_stored_after_it(
+    make: Callable[[str], Node],
+) -> None:
+    """
+    A peer's update is queued to the store one loop turn after it is applied, behind the
+    watchers it woke; a local change that such a watcher stores at once still lands after it.
+    """
+    doc = DocId("ctx")
+    _, nb, a, b = await synced_pair(make, doc)
+    sub = b.subscribe(doc, "k2")
+
+    async def watcher() -> int:
+        await sub.queue.get()  # woken by a's update, before b queues it to its store
+        return await b.set_strategy(doc, Strategy("origin-priority", (b.node_id,)))  # stored at once
+
+    task = asyncio.create_task(watcher())
+    await a.write(doc, [("k2", "2")])
+    version = await asyncio.wait_for(task, T)
+    await wait_until(lambda: b._stored_version.get(doc) == version, T)
+    b.unsubscribe(sub)
+    with sqlite3.connect(nb.dir / "store.db") as db:
+        stored = [v for (v,) in db.execute("SELECT version FROM updates WHERE doc_id = ? ORDER BY seq", (doc,))]
+    assert stored == sorted(stored) and stored[-2:] == [version - 1, version]
 
 
 async def test_an_unloaded_context_is_read_written_and_shown_like_a_loaded_one(make: Callable[[str], Node]) -> None:
