@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import psutil
 
+from benchlib.floor import hop_floor
 from benchlib.profiling import Profiler, pyspy_argv
 from benchlib.util import (
     BenchTimeout,
@@ -245,6 +246,8 @@ class CtxResults:
     import_rss: float | None = None
     """RSS (MiB) of an interpreter that imported the daemon's modules and ran nothing (import_floor_mib)."""
     latency: dict[str, float] = field(default_factory=dict)
+    hop_floor: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Latency (ms) of bare websocket relay chains, by hop count "2" and "3" (benchlib.floor)."""
     ack: dict[str, float] = field(default_factory=dict)
     tput: dict[str, Any] = field(default_factory=dict)
     tput_window: dict[str, Any] = field(default_factory=dict)
@@ -287,6 +290,8 @@ async def run_ctxsync(
 ) -> CtxResults:
     r = CtxResults()
     CtxNode.extra_env = extra_env
+    say("ctxsync: wake-up floor, bare websocket relays of 2 and 3 hops")
+    r.hop_floor = await hop_floor(procs, cfg.latency_writes, cfg.warmup)
     async with contextlib.AsyncExitStack() as stack:
         # -- phase 1: A and B, paired ---------------------------------------------------
         a, b = CtxNode(root, "a"), CtxNode(root, "b")

@@ -53,6 +53,16 @@ def build_rows(cfg: Any, c: CtxResults | None, p: PwsResults | None) -> list[Row
                 _verdict(ok) if target and cv is not None and pv is not None else "",
             )
         )  # fmt: skip
+    floor = c.hop_floor if c else {}
+    if floor:  # runs from before this row have none
+        for q in ("p50", "p99"):
+            f3, f2 = floor["3"].get(f"{q}_ms"), floor["2"].get(f"{q}_ms")
+            rows.append(
+                Row(
+                    f"of which the hops alone: bare relays, 3 hops / 2 hops, {q} (ms)",
+                    _f(f3, 2), _f(f2, 2), _ratio(f3, f2), "", "",
+                )
+            )  # fmt: skip
     # throughput
     ct = c.tput.get("writes_per_s") if c else None
     pt = p.tput.get("writes_per_s") if p else None
