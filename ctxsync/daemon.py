@@ -391,7 +391,7 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop, sig.name)
         check_permissions(self.home, cfg)
-        unloaded_at_stop = 0
+        records_at_stop: list[asyncio.Future[None]] = []
         store_path = self.home / STORE_FILE
         cipher, created = open_store_key(self.home, cfg, self.env, store_cipher=Store.sealed_with(store_path))
         if created:
@@ -507,7 +507,7 @@ class Daemon:
                     await mesh.stop()
                     await mesh.flush_unpersisted()
                     if cfg.store.unload_idle_s > 0:  # records in the store: the next start rebuilds none of these
-                        unloaded_at_stop = mesh.unload_all()
+                        records_at_stop = mesh.unload_all()
                     await recovery.stop()
                     api_server.close()
                     listener.close()
@@ -520,7 +520,9 @@ class Daemon:
                     if tracebacks is not None:
                         tracebacks.close()
             # Leaving the store's context commits everything queued, then closes it.
-        log.info("node.stopped", reason=self.stop_reason, contexts_unloaded=unloaded_at_stop)
+        # Counted now that the store is closed: a record it could not commit is not counted.
+        unloaded = sum(1 for f in records_at_stop if f.done() and not f.cancelled() and f.exception() is None)
+        log.info("node.stopped", reason=self.stop_reason, contexts_unloaded=unloaded)
 
 
 def _open_append(path: Path) -> TextIO:

@@ -1611,7 +1611,7 @@ class Mesh:
         now = time.monotonic()
         return [d for d, ctx in list(self.contexts.items()) if now - ctx.used_at >= idle_s and self.unload(d)]
 
-    def unload_all(self, budget_s: float = UNLOAD_AT_STOP_BUDGET_S) -> int:
+    def unload_all(self, budget_s: float = UNLOAD_AT_STOP_BUDGET_S) -> list[asyncio.Future[None]]:
         """
         At a clean stop (after :meth:`stop` and :meth:`flush_unpersisted`): :meth:`unload` every
         context that can be, so that each leaves its record in the store and the next start
@@ -1620,21 +1620,21 @@ class Mesh:
         committed when the store closes.
 
         Returns:
-            How many contexts were unloaded.
+            The store's future of each record queued: done, without an exception, once committed.
         """
         deadline = time.monotonic() + budget_s
-        unloaded = 0
+        records: list[asyncio.Future[None]] = []
         for doc_id in list(self.contexts):
             if time.monotonic() >= deadline:
                 break
             try:
-                unloaded += self.unload(doc_id)
+                self.unload(doc_id, records=records)
             except BaseException as exc:  # a pycrdt panic: that context is rebuilt at the next start
                 _reraise_fatal(exc)
                 log.error("context.unload_failed", doc_id=doc_id, error=f"{type(exc).__name__}: {exc}")
-        return unloaded
+        return records
 
-    def unload(self, doc_id: DocId) -> bool:
+    def unload(self, doc_id: DocId, *, records: list[asyncio.Future[None]] | None = None) -> bool:
         """
         Drop a loaded context's document and entry index from memory, keeping a :class:`Parked`
         record (its lineage, version, state vector, delete set and status figures). The store
@@ -1647,6 +1647,10 @@ class Mesh:
         writes are queued or committing; a version is not yet committed to the store (or is
         held for a retry after a store failure); a Yjs client is connected to it (raw update
         subscribers); or its store rows hold more than :data:`UNLOAD_MAX_STORED_BYTES`.
+
+        Args:
+            records: If given, the store's future of the record (committed later, by the
+                store's thread) is appended to it; nothing is when the store refused it at once.
 
         Returns:
             Whether it was unloaded.
@@ -1680,9 +1684,10 @@ class Mesh:
             "hlc": self.clock.latest,  # >= every timestamp in the context: a start that takes the record feeds its clock
         }  # fmt: skip
         try:  # so that the next start need not rebuild it (see Store.heads)
-            self.store.put_record(doc_id, self.parked[doc_id].version, self.parked[doc_id].lineage, record).add_done_callback(
-                functools.partial(_record_written, doc_id)
-            )
+            written = self.store.put_record(doc_id, self.parked[doc_id].version, self.parked[doc_id].lineage, record)
+            written.add_done_callback(functools.partial(_record_written, doc_id))
+            if records is not None:
+                records.append(written)
         except CtxSyncError as exc:  # the store is closing, or cannot seal: only the next start is slower
             log.debug("context.record_failed", doc_id=doc_id, error=str(exc))
         return True

@@ -455,6 +455,31 @@ async def test_a_change_made_while_a_received_update_waits_for_the_store_is_stor
     assert stored == sorted(stored) and stored[-2:] == [version - 1, version]
 
 
+async def test_unload_all_gives_the_commit_of_each_record_which_fails_if_the_store_cannot_commit(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a stop counts as ``contexts_unloaded``: records the store committed, not records queued."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
+    na = make("a")
+    a = await na.open([])
+    for doc in ("x", "y", "z"):
+        await a.write(DocId(doc), [("k", "1")])
+    records = a.unload_all()
+    await asyncio.wait_for(asyncio.gather(*records), T)
+    assert len(records) == 3 and set(a.parked) == {"x", "y", "z"}
+    a.get(DocId("x"), "k")  # loaded back: the next unload_all has one to record
+    blocker = sqlite3.connect(na.dir / "store.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the store cannot commit
+    try:
+        records = a.unload_all()
+        assert len(records) == 1 and "x" in a.parked
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(records[0], T)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
 async def test_an_unloaded_context_is_read_written_and_shown_like_a_loaded_one(make: Callable[[str], Node]) -> None:
     """Unloading keeps a context's figures in status; a read loads it back, and writes go on from its version."""
     na = make("a")
