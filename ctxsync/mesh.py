@@ -387,6 +387,15 @@ class _Pending:
     """Made here: a failing store keeps it however full its retention is (no peer may hold it)."""
 
 
+_Stored = tuple[_Pending, "asyncio.Future[StoreError | None]"]
+"""A version made here and the future of its commit (:meth:`Mesh._persist_nowait`)."""
+
+
+def _settle_stored(done: asyncio.Future[StoreError | None], error: StoreError | None) -> None:
+    if not done.done():  # cancelled by a caller that stopped waiting
+        done.set_result(error)
+
+
 def backoff(min_s: float, max_s: float, *, factor: float = 2.0) -> Iterator[float]:
     """
     Yield reconnect delays in seconds: exponential from ``min_s`` to ``max_s`` with full jitter.
@@ -453,7 +462,7 @@ class Mesh:
         self._registered: set[PeerSession] = set()
         self._unpersisted: list[_Pending] = []
         """Updates the store refused, kept to retry."""
-        self._to_persist: list[_Pending] = []
+        self._to_persist: list[tuple[_Pending, asyncio.Future[StoreError | None]]] = []
         """Updates waiting for the next event loop turn to be queued to the store (:meth:`_persist_nowait`)."""
         self._update_subs: dict[DocId, dict[int, Callable[[bytes, object], None]]] = {}
         self.on_durable: list[Callable[[DocId, int], None]] = []
@@ -950,22 +959,6 @@ class Mesh:
         # queue it, and a later version's commit would then hide the gap (an unload's record).
         self._persist_nowait(pending)
 
-    async def _store_own(self, p: _Pending) -> StoreError | None:
-        """
-        Store an update made here (already sent to the peers by :meth:`_committed`).
-
-        Returns:
-            None once stored; the store's error otherwise, after keeping the update to retry.
-        """
-        self._hand_to_store()  # earlier versions first
-        try:
-            await self.store.append(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
-        except StoreError as exc:
-            self._retain(p, exc)
-            return exc
-        self._durable(p)
-        return None
-
     def _durable(self, p: _Pending) -> None:
         if p.version > self._stored_version.get(p.doc_id, 0):
             self._stored_version[p.doc_id] = p.version
@@ -1080,6 +1073,7 @@ class Mesh:
     async def _rebuild_from_store(self, ctx: Context) -> None:
         fresh = Context(ctx.doc_id, self.node_id, self.clock, version=ctx.version, lineage=ctx.lineage)
         try:
+            self._hand_to_store()
             stored = await self.store.load(ctx.doc_id)  # runs after every append queued before it
             retained = [p.update for p in self._unpersisted if p.doc_id == ctx.doc_id]
             fresh.load((stored.updates if stored else []) + retained)
@@ -1099,46 +1093,66 @@ class Mesh:
 
     # -- persistence -----------------------------------------------------------------
 
-    def _persist_nowait(self, p: _Pending) -> None:
+    def _persist_nowait(self, p: _Pending) -> asyncio.Future[StoreError | None]:
         """
-        Queue an update for the store at the next event loop turn (:meth:`_hand_to_store`),
-        after the callbacks already scheduled; if the store fails, keep it and retry until it
-        works.
+        Queue an update for the store, in the order versions are made: call it where the
+        version is made (right after :meth:`_committed`). It is handed to the store at the next
+        event loop turn (:meth:`_hand_to_store`), after the callbacks already scheduled; if the
+        store fails, it is kept and retried until it works (:meth:`_retain`).
 
         Why later: handing a job to the store wakes its thread, which then competes with the
-        event loop for the GIL. Scheduled after the watchers' tasks that the update woke, their
-        events leave first. Measured on the 2-core test machine, 1,000 sequential writes between
-        two daemons: convergence p50 1.58 ms to 1.48 ms (median of six runs each, alternated).
+        event loop for the GIL. Scheduled after the watchers' tasks and the session writers that
+        the update woke, their events and frames leave first. Measured on the 2-core test
+        machine, 1,000 sequential writes between two daemons: convergence p50 1.58 ms to 1.48 ms
+        (median of six runs each, alternated).
+
+        Returns:
+            A future of None once the update is committed, or of the error if it was not: the
+            store's (the update is then kept for a retry), or a :class:`StoreError` if the
+            context's lineage was adopted away before the update reached the store (it is
+            dropped with that lineage). Nobody needs to await it; cancelling it changes nothing.
         """
-        self._to_persist.append(p)
+        done: asyncio.Future[StoreError | None] = asyncio.get_running_loop().create_future()
+        self._to_persist.append((p, done))
         if len(self._to_persist) == 1:
             asyncio.get_running_loop().call_soon(self._hand_to_store)
+        return done
 
     def _hand_to_store(self) -> None:
         """
-        Queue the updates :meth:`_persist_nowait` deferred, oldest first. Everything else that
-        queues an update to the store calls this first, so the store gets versions in order.
+        Queue the updates :meth:`_persist_nowait` holds, oldest first. Whatever must come after
+        them in the store (a lineage reset, a rebuild's read, the store's close) calls this first.
         """
         pending, self._to_persist = self._to_persist, []
-        for p in pending:
+        for p, done in pending:
+            if p.lineage != self._lineage_of(p.doc_id):  # adopted away meanwhile: dropped with its lineage
+                log.debug("store.update_dropped", doc_id=p.doc_id, version=p.version, reason="lineage adopted away")
+                _settle_stored(done, StoreError(f"context {p.doc_id!r} was adopted from a peer before version {p.version} was stored: dropped with the old lineage"))
+                continue
             try:
                 fut = self.store.append_nowait(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
             except (StoreError, InvalidState) as exc:  # InvalidState: the store is closing
                 self._retain(p, exc)
+                _settle_stored(done, exc if isinstance(exc, StoreError) else StoreError(str(exc)))
                 continue
-            except Exception:  # a bug; the peers still hold the update, so a restart's sync brings it back
+            except Exception as exc:  # a bug; the peers hold the update if it is theirs, so a restart's sync brings it back
                 log.exception("store.hand_off_failed", doc_id=p.doc_id, version=p.version)
                 self._incomplete.add(p.doc_id)  # the store lacks it: the context must not be unloaded
+                _settle_stored(done, StoreError(f"the update could not be queued for the store: {type(exc).__name__}: {exc}"))
                 continue
-            fut.add_done_callback(functools.partial(self._on_persisted, p))
+            fut.add_done_callback(functools.partial(self._on_persisted, p, done))
 
-    def _on_persisted(self, p: _Pending, fut: asyncio.Future[None]) -> None:
+    def _on_persisted(self, p: _Pending, done: asyncio.Future[StoreError | None], fut: asyncio.Future[None]) -> None:
         if fut.cancelled():
+            done.cancel()
             return
-        if fut.exception() is None:
+        exc = fut.exception()
+        if exc is None:
             self._durable(p)
+            _settle_stored(done, None)
             return
-        self._retain(p, fut.exception())
+        self._retain(p, exc)
+        _settle_stored(done, exc if isinstance(exc, StoreError) else StoreError(str(exc)))
 
     def _retain(self, p: _Pending, exc: BaseException | None) -> None:
         if self._unpersisted_bytes + len(p.update) > MAX_UNPERSISTED_BYTES and not p.local:
@@ -1371,7 +1385,7 @@ class Mesh:
             ctx.write_task = self._spawn(self._commit_writes(ctx, [write], pending), f"write-{doc_id}")
         return write.future
 
-    async def _commit_writes(self, ctx: Context, first: list[_Write], pending: _Pending | None) -> None:
+    async def _commit_writes(self, ctx: Context, first: list[_Write], pending: _Stored | None) -> None:
         """
         Group commit of local writes. Each round stores one version and sends it once durable;
         the writes submitted while a round commits are applied together, in one transaction,
@@ -1401,13 +1415,15 @@ class Mesh:
         finally:
             ctx.write_task = None
 
-    def _apply_writes(self, ctx: Context, batch: list[_Write]) -> _Pending | None:
+    def _apply_writes(self, ctx: Context, batch: list[_Write]) -> _Stored | None:
         """
-        Apply ``batch`` in one transaction and count it as a version (:meth:`_committed`).
+        Apply ``batch`` in one transaction, count it as a version (:meth:`_committed`) and queue
+        it for the store (:meth:`_persist_nowait`, at once: the store gets versions in order).
 
         Returns:
-            What to store, or None when nothing changed. A write that fails (a refused
-            context, an invalid item) gets its error on its future and changes nothing.
+            The version made and the future of its commit, or None when nothing changed. A
+            write that fails (a refused context, an invalid item) gets its error on its future
+            and changes nothing.
         """
         refusal = None
         if self.store_failing is not None:
@@ -1441,13 +1457,15 @@ class Mesh:
         # caller's answer waits for the commit). If a crash loses it here, a peer may still
         # hold it and send it back: EntryMap.take_reasserts() puts back any later own write
         # it displaces (a new Yjs client id after the restart would lose the tie-break).
-        return self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
+        made = self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
+        return made, self._persist_nowait(made)
 
-    async def _finish_writes(self, batch: list[_Write], pending: _Pending | None) -> None:
-        """Store ``pending`` (the version ``batch`` made, already sent to peers) and answer each write once durable."""
-        if pending is None:
+    async def _finish_writes(self, batch: list[_Write], stored: _Stored | None) -> None:
+        """Wait until the version ``batch`` made (already sent to peers) is stored, and answer each write."""
+        if stored is None:
             return
-        failed = await self._store_own(pending)
+        pending, committed = stored
+        failed = await committed
         for w in batch:
             if w.future.done():
                 continue
@@ -1499,6 +1517,7 @@ class Mesh:
         if resting is not None:
             resting.failed_at, resting.failure = time.monotonic(), f"context {doc_id!r} is being adopted; retry in a moment"
         version = self.version_of(doc_id)
+        self._hand_to_store()  # the old lineage's updates go before the reset, which deletes them
         try:
             await self.store.reset_context(doc_id, lineage, version)
         except BaseException:
@@ -1833,7 +1852,7 @@ class Mesh:
         if new is None:
             return ctx.version
         pending = self._committed(ctx, new, exclude=None, origin=self.node_id, tag=tag, origin_ms=_now_ms())
-        failed = await self._store_own(pending)
+        failed = await self._persist_nowait(pending)
         if failed is not None:
             raise StoreError(f"update not acknowledged: the store failed ({failed}); it stays in memory and is retried")
         return pending.version
@@ -1862,7 +1881,7 @@ class Mesh:
         if update is None:
             return ctx.version
         pending = self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
-        failed = await self._store_own(pending)
+        failed = await self._persist_nowait(pending)
         if failed is not None:
             raise StoreError(f"change not acknowledged: the store failed ({failed}); it stays in memory and is retried")
         log.info("context.strategy", doc_id=doc_id, strategy=strategy.name, priority=list(strategy.priority))

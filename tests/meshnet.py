@@ -312,18 +312,21 @@ class MeshNet:
         """
         Simulate a crash between a write leaving for the peers and its store commit.
 
-        ``node``'s store never gets the write's update (its ``append`` hangs); once the update
-        is handed to every open link, the write is cancelled (it is never acknowledged) and the
-        node restarts from what its store holds.
+        ``node``'s store never commits what it is given meanwhile (``append_nowait`` returns a
+        future that never completes: the write's update, and any peer update of those few
+        milliseconds, as a crash would lose them); once the update is handed to every open link,
+        the write is cancelled (it is never acknowledged) and the node restarts from what its
+        store holds.
         """
         store = node.store
         assert store is not None
-        hang: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        hung: list[asyncio.Future[None]] = []
 
-        async def never_commits(doc_id: DocId, version: int, update: bytes, **_: Any) -> None:
-            await hang
+        def never_commits(doc_id: DocId, version: int, update: bytes, **_: Any) -> asyncio.Future[None]:
+            hung.append(asyncio.get_running_loop().create_future())
+            return hung[-1]
 
-        store.append = never_commits  # type: ignore[method-assign]  # instance patch, this store only
+        store.append_nowait = never_commits  # type: ignore[method-assign]  # instance patch, this store only
         try:
             write = asyncio.ensure_future(node.m.write(doc_id, items))
 
@@ -342,8 +345,9 @@ class MeshNet:
             write.cancel()
             await asyncio.gather(write, return_exceptions=True)
         finally:
-            del store.append
-            hang.cancel()
+            del store.append_nowait
+            for fut in hung:
+                fut.cancel()
         await self.restart(node, relink=relink)
 
     # -- links -------------------------------------------------------------------------

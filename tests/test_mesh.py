@@ -734,3 +734,49 @@ async def test_an_update_kept_for_a_retry_is_dropped_with_the_lineage_adopt_leav
     await wait_until(lambda: b.store_failing is None and value(b, "ctx", "k") == '"from-a"', T)
     await nb.close()
     assert await stored_values(nb, doc) == {"k": '"from-a"'}
+
+
+def _peer_update(m: Mesh, doc: DocId, key: str, value_json: str) -> None:
+    """What ``_apply_remote`` does with a peer's update, done by hand so that a test can place it within one loop turn."""
+    ctx = m.contexts[doc]
+    with ctx.entries.transaction(origin="peer"):
+        ctx.entries.set_many([(key, value_json)])
+    update = ctx.take_update()
+    assert update is not None
+    m._persist_nowait(m._committed(ctx, update, exclude=None, origin=NodeId("peer")))
+
+
+async def test_a_peer_update_received_just_before_adopt_does_not_land_in_the_adopted_lineage(
+    make: Callable[[str], Node],
+) -> None:
+    """adopt() hands the store what it holds before the reset, which then deletes it with the old lineage."""
+    doc = DocId("ctx")
+    na, nb, a, b = await split_pair(make, doc)
+
+    async def arrives() -> None:  # a third peer's update of b's old lineage, in b's reader task
+        _peer_update(b, doc, "late", '"old lineage"')
+
+    async def busy() -> None:  # the rest of the loop turn holds the loop (not the GIL): the store thread commits the reset alone
+        time.sleep(0.05)  # noqa: ASYNC251 - blocking on purpose: the loop must not run
+
+    # One loop turn: the update, then adopt()'s first step (an API request), then other work.
+    steps = [asyncio.ensure_future(arrives()), asyncio.ensure_future(b.adopt(doc, na.node_id)), asyncio.ensure_future(busy())]
+    await asyncio.gather(*steps)
+    await wait_until(lambda: value(b, "ctx", "k") == '"from-a"', T)
+    await nb.close()
+    assert await stored_values(nb, doc) == {"k": '"from-a"'}
+
+
+async def test_a_write_and_a_peer_update_made_in_one_loop_turn_reach_the_store_in_version_order(
+    make: Callable[[str], Node],
+) -> None:
+    """Readers of the history read by version: a later version must never be stored before an earlier one."""
+    doc = DocId("ctx")
+    _, nb, _, b = await synced_pair(make, doc)
+    written = b.submit_write(doc, [("mine", "1")])  # applied now, as version n
+    _peer_update(b, doc, "theirs", "2")  # version n + 1, in the same turn
+    version, _ = await asyncio.wait_for(written, T)
+    await wait_until(lambda: b._stored_version.get(doc) == version + 1, T)
+    with sqlite3.connect(nb.dir / "store.db") as db:
+        stored = [v for (v,) in db.execute("SELECT version FROM updates WHERE doc_id = ? ORDER BY seq", (doc,))]
+    assert stored[-2:] == [version, version + 1] and stored == sorted(stored)
