@@ -396,6 +396,15 @@ def _settle_stored(done: asyncio.Future[StoreError | None], error: StoreError | 
         done.set_result(error)
 
 
+_STOPPED_APPLIED = "the daemon stopped before the write was acknowledged; it may still have been stored"
+_STOPPED_QUEUED = "the daemon stopped before the write was applied; nothing of it was stored"
+
+
+def _retried(exc: BaseException) -> StoreError:
+    """What a caller is told of an update the store refused and the mesh keeps for a retry."""
+    return StoreError(f"the store failed ({exc}); the change stays in memory and is retried")
+
+
 def backoff(min_s: float, max_s: float, *, factor: float = 2.0) -> Iterator[float]:
     """
     Yield reconnect delays in seconds: exponential from ``min_s`` to ``max_s`` with full jitter.
@@ -1127,23 +1136,24 @@ class Mesh:
         for p, done in pending:
             if p.lineage != self._lineage_of(p.doc_id):  # adopted away meanwhile: dropped with its lineage
                 log.debug("store.update_dropped", doc_id=p.doc_id, version=p.version, reason="lineage adopted away")
-                _settle_stored(done, StoreError(f"context {p.doc_id!r} was adopted from a peer before version {p.version} was stored: dropped with the old lineage"))
+                _settle_stored(done, StoreError(f"context {p.doc_id!r} was adopted from a peer before version {p.version} was stored; it was dropped with the old lineage"))
                 continue
             try:
                 fut = self.store.append_nowait(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
             except (StoreError, InvalidState) as exc:  # InvalidState: the store is closing
                 self._retain(p, exc)
-                _settle_stored(done, exc if isinstance(exc, StoreError) else StoreError(str(exc)))
+                _settle_stored(done, _retried(exc))
                 continue
             except Exception as exc:  # a bug; the peers hold the update if it is theirs, so a restart's sync brings it back
                 log.exception("store.hand_off_failed", doc_id=p.doc_id, version=p.version)
                 self._incomplete.add(p.doc_id)  # the store lacks it: the context must not be unloaded
-                _settle_stored(done, StoreError(f"the update could not be queued for the store: {type(exc).__name__}: {exc}"))
+                _settle_stored(done, StoreError(f"it could not be queued for the store ({type(exc).__name__}: {exc}); it stays in memory only, until a restart"))
                 continue
             fut.add_done_callback(functools.partial(self._on_persisted, p, done))
 
     def _on_persisted(self, p: _Pending, done: asyncio.Future[StoreError | None], fut: asyncio.Future[None]) -> None:
-        if fut.cancelled():
+        if fut.cancelled():  # not committed, nor kept for a retry: the store may lack it
+            self._incomplete.add(p.doc_id)  # so the context is never unloaded (its record would claim it)
             done.cancel()
             return
         exc = fut.exception()
@@ -1152,7 +1162,7 @@ class Mesh:
             _settle_stored(done, None)
             return
         self._retain(p, exc)
-        _settle_stored(done, exc if isinstance(exc, StoreError) else StoreError(str(exc)))
+        _settle_stored(done, _retried(exc))
 
     def _retain(self, p: _Pending, exc: BaseException | None) -> None:
         if self._unpersisted_bytes + len(p.update) > MAX_UNPERSISTED_BYTES and not p.local:
@@ -1191,16 +1201,14 @@ class Mesh:
         """
         self._hand_to_store()
         pending = list(self._unpersisted)
-        await asyncio.gather(
-            *(
-                self.store.append(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
-                for p in pending
-                if p.lineage == self._lineage_of(p.doc_id)  # not one of a lineage since adopted away: dropped with it
-            )
-        )
+        # Queued here, in this call, not by tasks a turn later: an adopt's reset queued in
+        # between would come first, and an update of the old lineage would land in the new one.
+        kept = [p for p in pending if p.lineage == self._lineage_of(p.doc_id)]  # the others: dropped with their lineage
+        commits = [self.store.append_nowait(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history) for p in kept]
+        await asyncio.gather(*commits)
         del self._unpersisted[: len(pending)]
         self._unpersisted_bytes = sum(len(p.update) for p in self._unpersisted)
-        for p in pending:
+        for p in kept:
             self._durable(p)
         return len(pending)
 
@@ -1382,8 +1390,23 @@ class Mesh:
         # caller's request and its transaction), then store it on a round of its own.
         pending = self._apply_writes(ctx, [write])
         if pending is not None:
-            ctx.write_task = self._spawn(self._commit_writes(ctx, [write], pending), f"write-{doc_id}")
+            task = ctx.write_task = self._spawn(self._commit_writes(ctx, [write], pending), f"write-{doc_id}")
+            task.add_done_callback(functools.partial(self._write_task_done, ctx, write))
         return write.future
+
+    def _write_task_done(self, ctx: Context, first: _Write, task: asyncio.Task[None]) -> None:
+        """
+        A commit task cancelled before its first step (a stop in the same loop turn as the
+        write) ran none of its own clean-up: answer its writes, so that no caller waits forever.
+        """
+        if not task.cancelled() or ctx.write_task is not task:
+            return  # it ran: its except and finally clauses did this
+        ctx.write_task = None
+        for ws, why in (([first], _STOPPED_APPLIED), (ctx.queued_writes, _STOPPED_QUEUED)):
+            for w in ws:
+                if not w.future.done():
+                    w.future.set_exception(StoreError(why))
+        ctx.queued_writes.clear()
 
     async def _commit_writes(self, ctx: Context, first: list[_Write], pending: _Stored | None) -> None:
         """
@@ -1401,8 +1424,7 @@ class Mesh:
                 await self._finish_writes(batch, self._apply_writes(ctx, batch))
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):  # the daemon is stopping
-                applied = "the daemon stopped before the write was acknowledged; it may still have been stored"
-                queued = "the daemon stopped before the write was applied; nothing of it was stored"
+                applied, queued = _STOPPED_APPLIED, _STOPPED_QUEUED
             else:
                 log.exception("write.failed", doc_id=ctx.doc_id)
                 applied = queued = f"write not acknowledged: {type(exc).__name__}: {exc}"
@@ -1470,9 +1492,7 @@ class Mesh:
             if w.future.done():
                 continue
             if failed is not None:
-                w.future.set_exception(
-                    StoreError(f"write not acknowledged: the store failed ({failed}); the change stays in memory and is retried")
-                )
+                w.future.set_exception(StoreError(f"write not acknowledged: {failed}"))
             else:
                 w.future.set_result((pending.version, w.changed))
 
@@ -1854,7 +1874,7 @@ class Mesh:
         pending = self._committed(ctx, new, exclude=None, origin=self.node_id, tag=tag, origin_ms=_now_ms())
         failed = await self._persist_nowait(pending)
         if failed is not None:
-            raise StoreError(f"update not acknowledged: the store failed ({failed}); it stays in memory and is retried")
+            raise StoreError(f"update not acknowledged: {failed}")
         return pending.version
 
     async def set_strategy(self, doc_id: DocId, strategy: Strategy) -> int:
@@ -1883,7 +1903,7 @@ class Mesh:
         pending = self._committed(ctx, update, exclude=None, origin=self.node_id, origin_ms=_now_ms())
         failed = await self._persist_nowait(pending)
         if failed is not None:
-            raise StoreError(f"change not acknowledged: the store failed ({failed}); it stays in memory and is retried")
+            raise StoreError(f"change not acknowledged: {failed}")
         log.info("context.strategy", doc_id=doc_id, strategy=strategy.name, priority=list(strategy.priority))
         return pending.version
 

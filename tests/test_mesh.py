@@ -726,7 +726,7 @@ async def test_an_update_kept_for_a_retry_is_dropped_with_the_lineage_adopt_leav
     na, nb, a, b = await split_pair(make, doc)
     blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
-    with pytest.raises(StoreError, match="not acknowledged"):
+    with pytest.raises(StoreError, match="not acknowledged: the store failed .* stays in memory and is retried"):
         await b.write(doc, [("late", '"old lineage"')])  # kept in memory, retried once the store works
     blocker.execute("ROLLBACK")
     blocker.close()
@@ -780,3 +780,39 @@ async def test_a_write_and_a_peer_update_made_in_one_loop_turn_reach_the_store_i
     with sqlite3.connect(nb.dir / "store.db") as db:
         stored = [v for (v,) in db.execute("SELECT version FROM updates WHERE doc_id = ? ORDER BY seq", (doc,))]
     assert stored[-2:] == [version, version + 1] and stored == sorted(stored)
+
+
+async def test_a_retry_in_the_same_loop_turn_as_adopt_does_not_land_in_the_adopted_lineage(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry queues its updates in its first step, before the reset that adopt() queues next."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
+    doc = DocId("ctx")
+    na, nb, a, b = await split_pair(make, doc)
+    blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreError, match="not acknowledged"):
+        await b.write(doc, [("late", '"old lineage"')])  # kept for a retry
+    blocker.execute("ROLLBACK")
+    blocker.close()
+
+    async def busy() -> None:  # the rest of the loop turn holds the loop (not the GIL): the store thread commits alone
+        time.sleep(0.05)  # noqa: ASYNC251 - blocking on purpose: the loop must not run
+
+    await asyncio.gather(b._store_retained(), b.adopt(doc, na.node_id), busy(), return_exceptions=True)
+    await wait_until(lambda: value(b, "ctx", "k") == '"from-a"', T)
+    await nb.close()
+    assert await stored_values(nb, doc) == {"k": '"from-a"'}
+
+
+async def test_a_write_made_in_the_loop_turn_of_a_stop_is_answered_and_stored(make: Callable[[str], Node]) -> None:
+    """Its commit task is cancelled before its first step: the write still gets an answer, and the store its update."""
+    na = make("a")
+    a = await na.open([])
+    written = a.submit_write(DocId("ctx"), [("k", "1")])
+    await a.stop()
+    with pytest.raises(StoreError, match="the daemon stopped before the write was acknowledged"):
+        await asyncio.wait_for(written, T)
+    await na.store.__aexit__(None, None, None)
+    na.mesh = None
+    assert await stored_values(na, DocId("ctx")) == {"k": "1"}
