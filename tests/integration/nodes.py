@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,18 +29,44 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux's default range is 32768-60999)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` different TCP ports on 127.0.0.1 that were free a moment ago.
+
+    Taken below the kernel's ephemeral range when it leaves room (ports 10000 and up, drawn at
+    random): a port the kernel handed out by ``bind(0)`` comes from that range, so an outgoing
+    connection made before the daemon binds it (another node dialing, a CLI call) could take it
+    as its local port. That once failed a CI run: "address already in use" at a node's start.
 
     All are bound at once before any is released: two ports picked one after the other can be the
     same one (the kernel may hand a just-released port out again), which once made a node's API
     and sync listener collide in CI.
     """
+    low, high = 10000, _ephemeral_low() - 1
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
+        ports: list[int] = []
+        for _ in range(n):
+            for _attempt in range(100 if high - low >= 1000 else 0):
+                port = random.randint(low, high)
+                s = stack.enter_context(socket.socket())
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:  # taken (or just picked for this call)
+                    continue
+                ports.append(port)
+                break
+            else:  # no room below the ephemeral range, or no luck: the kernel's choice
+                s = stack.enter_context(socket.socket())
+                s.bind(("127.0.0.1", 0))
+                ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 class Node:
