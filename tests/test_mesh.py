@@ -717,19 +717,27 @@ async def test_nothing_written_while_adopt_resets_the_store_lands_in_the_adopted
     assert await stored_values(nb, doc) == {"k": '"from-a"'}
 
 
-async def test_an_update_kept_for_a_retry_is_dropped_with_the_lineage_adopt_leaves(
-    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A write the failing store could not take is retried later: not after adopt() left its lineage."""
+async def split_pair_with_a_write_kept_for_a_retry(
+    make: Callable[[str], Node], doc: DocId, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Node, Node, Mesh, Mesh]:
+    """:func:`split_pair`, then a write on b (``late``) that b's locked store refused: kept in memory for a retry."""
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
-    doc = DocId("ctx")
     na, nb, a, b = await split_pair(make, doc)
     blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     with pytest.raises(StoreError, match="not acknowledged: the store failed .* stays in memory and is retried"):
-        await b.write(doc, [("late", '"old lineage"')])  # kept in memory, retried once the store works
+        await b.write(doc, [("late", '"old lineage"')])
     blocker.execute("ROLLBACK")
     blocker.close()
+    return na, nb, a, b
+
+
+async def test_an_update_kept_for_a_retry_is_dropped_with_the_lineage_adopt_leaves(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the failing store could not take is retried later: not after adopt() left its lineage."""
+    doc = DocId("ctx")
+    na, nb, a, b = await split_pair_with_a_write_kept_for_a_retry(make, doc, monkeypatch)
     await b.adopt(doc, na.node_id)  # before the retry (0.5 s later)
     await wait_until(lambda: b.store_failing is None and value(b, "ctx", "k") == '"from-a"', T)
     await nb.close()
@@ -786,15 +794,8 @@ async def test_a_retry_in_the_same_loop_turn_as_adopt_does_not_land_in_the_adopt
     make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The retry queues its updates in its first step, before the reset that adopt() queues next."""
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
     doc = DocId("ctx")
-    na, nb, a, b = await split_pair(make, doc)
-    blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    with pytest.raises(StoreError, match="not acknowledged"):
-        await b.write(doc, [("late", '"old lineage"')])  # kept for a retry
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    na, nb, a, b = await split_pair_with_a_write_kept_for_a_retry(make, doc, monkeypatch)
 
     async def busy() -> None:  # the rest of the loop turn holds the loop (not the GIL): the store thread commits alone
         time.sleep(0.05)  # noqa: ASYNC251 - blocking on purpose: the loop must not run
