@@ -560,7 +560,7 @@ class Mesh:
         for sub in list(self._subs):
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.put_nowait(None)
-        self._hand_to_store()  # nothing received is left off the store's queue
+        self._hand_to_store()  # no version made here is left off the store's queue
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
