@@ -63,6 +63,7 @@ async def _chain(procs: Procs, hops: int, messages: int, warmup: int) -> dict[st
     first relay and timed until the driver's sink connection to the last one receives it.
     """
     from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
 
     relays: list[JsonChild] = []
     try:
@@ -72,21 +73,24 @@ async def _chain(procs: Procs, hops: int, messages: int, warmup: int) -> dict[st
         for _ in range(hops - 2):
             relay, first_port = await _spawn_relay(procs, f"ws://127.0.0.1:{first_port}/")
             relays.append(relay)
-        async with (
-            connect(f"ws://127.0.0.1:{sink_port}/", compression=None) as sink,
-            connect(f"ws://127.0.0.1:{first_port}/", compression=None) as source,
-        ):
-            await sink.send(SINK)
-            times: list[float] = []
-            for i in range(warmup + messages):
-                t0 = time.monotonic()
-                await source.send(f"m{i}")
-                got = await asyncio.wait_for(sink.recv(), 10)
-                if got != f"m{i}":
-                    raise BenchTimeout(f"relay chain of {hops} hops returned {got!r} for m{i}")
-                if i >= warmup:
-                    times.append(time.monotonic() - t0)
-                await asyncio.sleep(PAUSE_S)
+        try:
+            async with (
+                connect(f"ws://127.0.0.1:{sink_port}/", compression=None) as sink,
+                connect(f"ws://127.0.0.1:{first_port}/", compression=None) as source,
+            ):
+                await sink.send(SINK)
+                times: list[float] = []
+                for i in range(warmup + messages):
+                    t0 = time.monotonic()
+                    await source.send(f"m{i}")
+                    got = await asyncio.wait_for(sink.recv(), 10)
+                    if got != f"m{i}":
+                        raise BenchTimeout(f"relay chain of {hops} hops returned {got!r} for m{i}")
+                    if i >= warmup:
+                        times.append(time.monotonic() - t0)
+                    await asyncio.sleep(PAUSE_S)
+        except (TimeoutError, OSError, ConnectionClosed) as exc:  # a relay died, or a message took over 10 s
+            raise BenchTimeout(f"relay chain of {hops} hops failed: {exc!r}") from exc
         return pct_summary_ms(times)
     finally:
         for relay in relays:
@@ -98,7 +102,8 @@ async def hop_floor(procs: Procs, messages: int, warmup: int) -> dict[str, Any]:
     """
     Latency p50/p90/p99 (ms) of bare relay chains of 2 and 3 hops (``{"2": {...}, "3": {...}}``),
     ``messages`` sequential messages each after ``warmup`` uncounted ones. Raises
-    :class:`BenchTimeout` if a relay does not start within 30 s or a message takes over 10 s.
+    :class:`BenchTimeout` if a relay does not start within 30 s, a connection fails, or a message
+    takes over 10 s.
     """
     return {str(hops): await _chain(procs, hops, messages, warmup) for hops in (2, 3)}
 

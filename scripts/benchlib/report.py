@@ -63,6 +63,8 @@ def build_rows(cfg: Any, c: CtxResults | None, p: PwsResults | None) -> list[Row
                     _f(f3, 2), _f(f2, 2), _ratio(f3, f2), "", "",
                 )
             )  # fmt: skip
+    elif c and c.hop_floor_error:
+        rows.append(Row("of which the hops alone: bare relays, 3 hops / 2 hops (ms)", f"not measured: {c.hop_floor_error}", "-", "-", "", ""))
     # throughput
     ct = c.tput.get("writes_per_s") if c else None
     pt = p.tput.get("writes_per_s") if p else None

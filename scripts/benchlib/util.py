@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import socket
 import sys
@@ -35,12 +36,34 @@ def free_port() -> int:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` different free TCP ports on 127.0.0.1, bound together so that no two are the same."""
+    """
+    ``n`` different TCP ports on 127.0.0.1 that were free a moment ago, for daemons to listen on.
+
+    Drawn at random from 10000 up to below the kernel's ephemeral range (where it leaves room), and
+    bound together so that no two are the same. Not ``bind(0)``: the kernel hands those out of the
+    ephemeral range, which outgoing connections use too. A daemon stopped and started again on its
+    port (the catch-up workload, every restart of ``scripts/soak``) could find it taken by a
+    peer's dial or a CLI call meanwhile ("address already in use"), as the integration tests once
+    did in CI.
+    """
+    try:
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 1
+    except (OSError, ValueError, IndexError):
+        high = 32767  # Linux's default range starts at 32768
+    ports: list[int] = []
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
+        while len(ports) < n:
+            s = stack.enter_context(socket.socket())
+            tries = 0
+            while high - 10000 >= 1000 and tries < 100:
+                tries += 1
+                with contextlib.suppress(OSError):  # taken, or drawn already for this call
+                    s.bind(("127.0.0.1", random.randint(10000, high)))
+                    break
+            else:  # no room below the ephemeral range, or no luck: the kernel's choice
+                s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+    return ports
 
 
 class BenchTimeout(Exception):
