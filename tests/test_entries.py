@@ -149,6 +149,44 @@ def test_observe_ignores_timestamps_beyond_max_drift() -> None:
     assert unbounded.latest == far
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("tick"), st.integers(0, 3)),
+            st.tuples(st.just("wall"), st.integers(-3, 3)),
+            st.tuples(st.just("observe"), st.integers(-2, 4), st.integers(0, 0xFFFF)),
+        ),
+        max_size=40,
+    )
+)
+def test_tick_matches_the_hlc_rule_through_wall_moves_and_observes(steps: list[tuple[int, ...]]) -> None:
+    """
+    Every tick is what the HLC rule gives (the clock keeps the wall part's hex digits between
+    ticks): max(wall, last) with the counter bumped, or the next millisecond past counter 0xffff.
+    """
+    wall = Wall(1_000)
+    clock = Clock(wall)
+    last = (0, 0)
+    for step in steps:
+        if step[0] == "wall":
+            wall.ms = max(0, wall.ms + step[1])
+        elif step[0] == "observe":
+            ts = (max(0, wall.ms + step[1]), step[2])
+            clock.observe(format_hlc(*ts))
+            last = max(last, ts)
+        else:
+            for _ in range(step[1]):
+                if wall.ms > last[0]:
+                    last = (wall.ms, 0)
+                elif last[1] < 0xFFFF:
+                    last = (last[0], last[1] + 1)
+                else:
+                    last = (last[0] + 1, 0)
+                assert clock.tick() == format_hlc(*last)
+        assert clock.latest == format_hlc(*last)
+
+
 def test_tick_refuses_to_pass_the_end_of_time() -> None:
     """The clock raises EntryError rather than wrap around past 2**48 - 1 ms."""
     clock = Clock(Wall(0), max_drift_ms=None)
