@@ -801,6 +801,12 @@ class EntryMap:
                 self._changes[key] = EntryChange(key, None, after.writer, after.t, held.previous)
             return
         previous = held.previous if held is not None else (before.value if before is not None else None)
+        if not is_live and previous is None:
+            # Absent when the batch began and absent now: it was live only between two slots of
+            # one remote transaction, taken in pycrdt's order (a loser's slot showing for a
+            # moment after the winner's went). Nothing visible changed.
+            self._changes.pop(key, None)
+            return
         if after is None:
             self._changes[key] = EntryChange(key, None, None, None, previous)
         else:
@@ -878,8 +884,10 @@ class EntryMap:
         Returns:
             One :class:`EntryChange` per key whose resolved state changed (its latest state), in the
             order keys were first affected (within one remote transaction pycrdt reports keys in
-            no particular order). Changes between two absent states (e.g. a tombstone
-            replacing another) are left out. Until called, at most one change per key is held.
+            no particular order). A key absent at the last call and absent now has no change,
+            whatever happened between (a tombstone replacing another, a value set and deleted, a
+            loser's slot showing for a moment within one remote transaction, depending on the
+            order pycrdt reports slots in). Until called, at most one change per key is held.
 
         """
         changes = list(self._changes.values())

@@ -193,6 +193,9 @@ def test_tick_refuses_to_pass_the_end_of_time() -> None:
     clock.observe("ffffffffffffffff")
     with pytest.raises(EntryError):
         clock.tick()
+    assert clock.latest == "ffffffffffffffff"  # the refused tick changed nothing
+    with pytest.raises(EntryError):
+        clock.tick()
 
 
 @settings(max_examples=50, deadline=None)
@@ -521,6 +524,34 @@ def test_an_older_concurrent_write_arriving_changes_nothing_visible() -> None:
     assert b.entries.pop_changes() == []
     assert [s.value for s in b.entries.get("k").conflicts] == ['"old"']  # type: ignore[union-attr]
     assert a.entries.pop_changes() == [EntryChange("k", '"new"', B, b.clock.latest)]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_key_absent_before_and_after_a_remote_update_has_no_change_in_either_order(reverse: bool) -> None:
+    """
+    pycrdt reports one transaction's slots in no fixed order. b holds k absent (its tombstone
+    beats a's older live slot); a's update replaces a's slot with a later tombstone and deletes
+    b's. Taken slot by slot, one order shows a's live slot for a moment: that must not leave a
+    deletion of a key that was never visible.
+    """
+    a, b = Node(A, ms=1_000_000), Node(B, ms=1_000_000)
+    a.entries.set("k", '"v0"')
+    sync(a, b)
+    a.entries.set("k", '"x"')  # concurrent with b's deletion, which is later
+    b.wall.ms += 1
+    assert b.entries.delete("k")
+    sync(a, b)
+    assert a.entries.get("k") is None and b.entries.get("k") is None
+    assert {w: s.value for w, s in b.entries._slots["k"].items()} == {B: None, A: '"x"'}  # type: ignore[union-attr]
+    a.wall.ms += 2
+    a.entries.set_many([("k", '"y"'), ("k", None)])  # a's tombstone, the latest; b's slot deleted
+    a.entries.pop_changes()
+    b.entries.pop_changes()
+    index_changes = b.entries._index_changes
+    b.entries._index_changes = lambda changes: index_changes(dict(sorted(changes.items(), reverse=reverse)))  # type: ignore[method-assign]
+    b.receive(a.update_since(b.doc.get_state()))
+    assert b.entries.get("k") is None
+    assert b.entries.pop_changes() == []
 
 
 def test_malformed_remote_slots_are_ignored() -> None:

@@ -63,7 +63,7 @@ async def _chain(procs: Procs, hops: int, messages: int, warmup: int) -> dict[st
     first relay and timed until the driver's sink connection to the last one receives it.
     """
     from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
     relays: list[JsonChild] = []
     try:
@@ -89,7 +89,7 @@ async def _chain(procs: Procs, hops: int, messages: int, warmup: int) -> dict[st
                     if i >= warmup:
                         times.append(time.monotonic() - t0)
                     await asyncio.sleep(PAUSE_S)
-        except (TimeoutError, OSError, ConnectionClosed) as exc:  # a relay died, or a message took over 10 s
+        except (TimeoutError, OSError, ConnectionClosed, InvalidHandshake) as exc:  # a relay died, or a message took over 10 s
             raise BenchTimeout(f"relay chain of {hops} hops failed: {exc!r}") from exc
         return pct_summary_ms(times)
     finally:
