@@ -554,6 +554,17 @@ def test_a_key_absent_before_and_after_a_remote_update_has_no_change_in_either_o
     assert b.entries.pop_changes() == []
 
 
+def test_a_key_set_and_deleted_in_one_transaction_has_no_change() -> None:
+    """Absent before and after the transaction: nothing to report, locally or on a peer."""
+    a, b = Node(A), Node(B)
+    a.entries.set("kept", "1")
+    a.entries.set_many([("k", "1"), ("k", None)])
+    assert [(c.key, c.value) for c in a.entries.pop_changes()] == [("kept", "1")]
+    sync(a, b)
+    assert [(c.key, c.value) for c in b.entries.pop_changes()] == [("kept", "1")]
+    assert a.entries.get("k") is None and b.entries.get("k") is None
+
+
 def test_malformed_remote_slots_are_ignored() -> None:
     """Bad slots written by a buggy peer never crash reads and never count as entries."""
     good = {"v": "1", "t": format_hlc(1_000, 0)}
