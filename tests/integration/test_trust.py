@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from ctxsync.client import SyncClient
 from ctxsync.pairing import TOKEN_PREFIX, decode_token, encode_token
 from tests.integration.nodes import Node, wait_for
 
@@ -266,8 +267,11 @@ def test_store_holds_no_plaintext(make_node: MakeNode) -> None:
     a.start()
     b.start()
     secret = "TOPSECRET-4c1e-value"
-    for i in range(40):  # enough for compactions: checkpoints are sealed too
-        a.cli("set", "vault", f"key{i}", json.dumps(f"{secret}-{i}"))
+    with SyncClient.for_home(a.home) as client:  # one version each, without a CLI process each
+        for i in range(40):  # enough for compactions: checkpoints are sealed too
+            client.set_value("vault", f"key{i}", f"{secret}-{i}")
+    assert a.get("vault", "key0") == f"{secret}-0"
+    assert a.status()["store"]["compactions"] >= 2  # the checkpoints below were written (and sealed)
     wait_for(lambda: b.get("vault", "key39") == f"{secret}-39")
 
     def store_files(node: Node) -> list[tuple[str, bytes]]:
