@@ -385,6 +385,8 @@ class _Pending:
     history: list[tuple[int, dict[str, Any]]]
     local: bool
     """Made here: a failing store keeps it however full its retention is (no peer may hold it)."""
+    missed_through: int = 0
+    """An earlier version of the context whose records the store will never get (see :meth:`Mesh._note_history_gap`); 0 if none."""
 
 
 _Stored = tuple[_Pending, "asyncio.Future[StoreError | None]"]
@@ -458,6 +460,8 @@ class Mesh:
         """Per context, the highest version the store has committed (what :meth:`Store.load_now` would read)."""
         self._incomplete: set[DocId] = set()
         """Contexts an update of which the store never got (``store.retention_full``): kept loaded until a restart."""
+        self._history_gaps: dict[DocId, int] = {}
+        """Per context, the latest version whose history records the store never got, until the next update told it."""
         self._sync_retries: set[tuple[str, DocId]] = set()
         """(session id, context) pairs whose sync waits for :data:`LOAD_RETRY_S` after a failed load."""
         self.loads = 0
@@ -1138,8 +1142,11 @@ class Mesh:
                 log.debug("store.update_dropped", doc_id=p.doc_id, version=p.version, reason="lineage adopted away")
                 _settle_stored(done, StoreError(f"context {p.doc_id!r} was adopted from a peer before version {p.version} was stored; it was dropped with the old lineage"))
                 continue
+            self._take_history_gap(p)
             try:
-                fut = self.store.append_nowait(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history)
+                fut = self.store.append_nowait(
+                    p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history, missed_through=p.missed_through
+                )
             except (StoreError, InvalidState) as exc:  # InvalidState: the store is closing
                 self._retain(p, exc)
                 _settle_stored(done, _retried(exc))
@@ -1147,6 +1154,7 @@ class Mesh:
             except Exception as exc:  # a bug; the peers hold the update if it is theirs, so a restart's sync brings it back
                 log.exception("store.hand_off_failed", doc_id=p.doc_id, version=p.version)
                 self._incomplete.add(p.doc_id)  # the store lacks it: the context must not be unloaded
+                self._note_history_gap(p.doc_id, max(p.version, p.missed_through))
                 _settle_stored(done, StoreError(f"it could not be queued for the store ({type(exc).__name__}: {exc}); it stays in memory only, until a restart"))
                 continue
             fut.add_done_callback(functools.partial(self._on_persisted, p, done))
@@ -1169,6 +1177,7 @@ class Mesh:
             # Still safe: peers hold it, and sync step 1/2 brings it back after a restart.
             log.error("store.retention_full", doc_id=p.doc_id, version=p.version, retained_bytes=self._unpersisted_bytes)
             self._incomplete.add(p.doc_id)  # the store lacks it: the context must not be unloaded
+            self._note_history_gap(p.doc_id, max(p.version, p.missed_through))
         else:
             self._unpersisted.append(p)
             self._unpersisted_bytes += len(p.update)
@@ -1204,13 +1213,36 @@ class Mesh:
         # Queued here, in this call, not by tasks a turn later: an adopt's reset queued in
         # between would come first, and an update of the old lineage would land in the new one.
         kept = [p for p in pending if p.lineage == self._lineage_of(p.doc_id)]  # the others: dropped with their lineage
-        commits = [self.store.append_nowait(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history) for p in kept]
+        for p in kept:
+            self._take_history_gap(p)
+        commits = [
+            self.store.append_nowait(p.doc_id, p.version, p.update, lineage=p.lineage, history=p.history, missed_through=p.missed_through)
+            for p in kept
+        ]
         await asyncio.gather(*commits)
         del self._unpersisted[: len(pending)]
         self._unpersisted_bytes = sum(len(p.update) for p in self._unpersisted)
         for p in kept:
             self._durable(p)
         return len(pending)
+
+    def _note_history_gap(self, doc_id: DocId, version: int) -> None:
+        """
+        Remember that the store will never get the history records of ``version`` (its update
+        was dropped). The next update of the context handed to the store carries it
+        (``missed_through``), and the store moves the context's ``history_from`` past it in that
+        update's transaction: a ``changes`` cursor or a webhook from before is then told it missed
+        changes (``truncated``) instead of passing the version without a word. Lost at a stop,
+        which loses nothing more: the restart's sync brings the dropped content back as new
+        versions, with their records.
+        """
+        self._history_gaps[doc_id] = max(self._history_gaps.get(doc_id, 0), version)
+
+    def _take_history_gap(self, p: _Pending) -> None:
+        """Move the context's pending history gap onto ``p``, the next update to reach the store (kept on it if ``p`` is retried)."""
+        gap = self._history_gaps.pop(p.doc_id, 0)
+        if gap > p.missed_through:
+            p.missed_through = gap
 
     def unstored_from(self, doc_id: DocId) -> int | None:
         """

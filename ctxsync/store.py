@@ -349,6 +349,7 @@ class _Append:
     created_at_ms: int
     lineage: str = LEGACY_LINEAGE
     history: Sequence[tuple[int, dict[str, Any]]] = ()
+    missed_through: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -536,6 +537,7 @@ class Store:
         *,
         lineage: str = LEGACY_LINEAGE,
         history: Sequence[tuple[int, dict[str, Any]]] = (),
+        missed_through: int = 0,
     ) -> asyncio.Future[None]:
         """
         Queue one update for the next group commit, creating its context row if needed.
@@ -553,6 +555,10 @@ class Store:
                 :class:`HistoryRecord`), with consecutive ``idx``; they are stored as one
                 row. A first ``idx`` above 0 says the earlier ones were left out:
                 ``history_from`` then moves past this version.
+            missed_through: A version of this context whose records will never be stored (its
+                update was dropped: ``store.retention_full``); 0 if none. ``history_from`` moves
+                past it in the same transaction, so a reader is told it missed changes instead
+                of passing the version silently.
 
         Returns:
             A future that completes once the update is committed, or fails with
@@ -563,7 +569,7 @@ class Store:
         """
         if any(idx != history[0][0] + i for i, (idx, _) in enumerate(history)):
             raise ValueError(f"history of version {version} must have consecutive idx values")
-        job = _Append(self._future(), doc_id, version, bytes(update), _now_ms(), lineage, tuple(history))
+        job = _Append(self._future(), doc_id, version, bytes(update), _now_ms(), lineage, tuple(history), missed_through)
         return self._submit(job)
 
     async def append(
@@ -574,6 +580,7 @@ class Store:
         *,
         lineage: str = LEGACY_LINEAGE,
         history: Sequence[tuple[int, dict[str, Any]]] = (),
+        missed_through: int = 0,
     ) -> None:
         """
         Store one update durably: return only once it is committed.
@@ -584,7 +591,7 @@ class Store:
         Raises:
             StoreError: If the transaction failed; nothing of it is stored.
         """
-        await self.append_nowait(doc_id, version, update, lineage=lineage, history=history)
+        await self.append_nowait(doc_id, version, update, lineage=lineage, history=history, missed_through=missed_through)
 
     # -- history, snapshots, lineage, webhooks ---------------------------------------------------
 
@@ -1304,6 +1311,8 @@ class Store:
             history += records
             if a.history and a.history[0][0] > 0:  # the first changes of this version were left out
                 gaps[a.doc_id] = max(gaps.get(a.doc_id, 0), a.version + 1)
+            if a.missed_through:  # an earlier version's records will never come
+                gaps[a.doc_id] = max(gaps.get(a.doc_id, 0), a.missed_through + 1)
             contexts.setdefault(a.doc_id, (a.created_at_ms, a.lineage))
             sealed.append(a)
         committed: list[_Job] = [*sealed, *writes]
@@ -1314,7 +1323,7 @@ class Store:
                 [(d, t, lineage) for d, (t, lineage) in contexts.items()],
             )
             conn.executemany("INSERT INTO updates (doc_id, version, data) VALUES (?, ?, ?)", rows)
-            if history:
+            if history or gaps:
                 self._add_history(conn, history, gaps)
             results = [w.fn(conn) for w in writes]
             conn.execute("COMMIT")

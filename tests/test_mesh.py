@@ -624,6 +624,36 @@ async def test_a_context_whose_update_the_store_dropped_stays_loaded(
     assert value(b, "ctx", "k") == "2"
 
 
+async def test_a_dropped_update_moves_history_from_past_its_version(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    store.retention_full loses a version's history records with its update: the next update
+    stored moves history_from past that version, so a cursor from before is told it missed
+    changes instead of passing the version without a word.
+    """
+    monkeypatch.setattr(mesh_module, "MAX_UNPERSISTED_BYTES", 0)  # nothing is kept for a retry: dropped at once
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
+    doc = DocId("ctx")
+    _, nb, a, b = await synced_pair(make, doc)
+    before = b.version_of(doc)
+    blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # b's store cannot commit
+    with structlog.testing.capture_logs() as logs:
+        await a.write(doc, [("k", "2")])
+        await wait_until(lambda: value(b, "ctx", "k") == "2" and any(e["event"] == "store.retention_full" for e in logs), T)
+    dropped = b.version_of(doc)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await wait_until(lambda: b.store_failing is None, T)
+    assert (await b.store.read_history(doc, since=before)).history_from <= before  # nothing told the store yet
+    await a.write(doc, [("other", "3")])  # the next version stored carries the gap
+    await wait_until(lambda: value(b, "ctx", "other") == "3" and b._stored_version.get(doc) == b.version_of(doc), T)
+    page = await b.store.read_history(doc, since=before)
+    assert page.history_from == dropped + 1
+    assert [(r.version, r.record["key"]) for r in page.records] == [(dropped + 1, "other")]
+
+
 async def test_a_peer_update_dropped_by_a_failed_load_comes_again(
     make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -173,6 +173,25 @@ async def test_history_is_bounded_and_history_from_marks_the_cut(tmp_path: Path)
     assert versions(after) == [(v, 0) for v in range(9, 14)] and after.history_from == 9
 
 
+async def test_missed_through_moves_history_from_past_a_version_never_stored(tmp_path: Path) -> None:
+    """
+    An append that says an earlier version's records will never come (its update was dropped)
+    moves history_from past that version in its own transaction, even with no records of its own.
+    """
+    path, writer = tmp_path / "store.db", Writer()
+    async with Store(path) as store:
+        await store.append(CTX, 1, writer.set("k", 1), history=[(0, record("k", 1))])
+        await store.append(CTX, 3, writer.set("k", 3), missed_through=2)  # version 2 never reached the store
+        page = await store.read_history(CTX, since=0)
+    assert page.history_from == 3 and versions(page) == [(1, 0)]  # what is kept stays readable; cursors are told of the gap
+    async with Store(path) as store:
+        again = await store.read_history(CTX, since=0)
+        await store.append(CTX, 4, writer.set("k", 4), history=[(0, record("k", 4))], missed_through=1)  # an older gap: no move back
+        after = await store.read_history(CTX, since=0)
+    assert again.history_from == 3
+    assert after.history_from == 3 and versions(after) == [(1, 0), (4, 0)]
+
+
 async def test_cut_inside_a_version_moves_history_from_past_it(tmp_path: Path) -> None:
     """A cut that keeps only part of a version's records makes history_from that version + 1."""
     path, writer = tmp_path / "store.db", Writer()
