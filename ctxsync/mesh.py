@@ -461,7 +461,9 @@ class Mesh:
         self._incomplete: set[DocId] = set()
         """Contexts an update of which the store never got (``store.retention_full``): kept loaded until a restart."""
         self._history_gaps: dict[DocId, int] = {}
-        """Per context, the latest version whose history records the store never got, until the next update told it."""
+        """Per context, the latest version whose history records the store will never get, until
+        the store has committed that (:meth:`_note_history_gap`); readers stop before it."""
+        self._gap_flush: asyncio.Task[None] | None = None
         self._sync_retries: set[tuple[str, DocId]] = set()
         """(session id, context) pairs whose sync waits for :data:`LOAD_RETRY_S` after a failed load."""
         self.loads = 0
@@ -975,6 +977,8 @@ class Mesh:
     def _durable(self, p: _Pending) -> None:
         if p.version > self._stored_version.get(p.doc_id, 0):
             self._stored_version[p.doc_id] = p.version
+        if p.missed_through:
+            self._gap_committed(p.doc_id, p.missed_through)
         for hook in self.on_durable:
             try:
                 hook(p.doc_id, p.version)
@@ -1140,6 +1144,7 @@ class Mesh:
         for p, done in pending:
             if p.lineage != self._lineage_of(p.doc_id):  # adopted away meanwhile: dropped with its lineage
                 log.debug("store.update_dropped", doc_id=p.doc_id, version=p.version, reason="lineage adopted away")
+                self._note_history_gap(p.doc_id, max(p.version, p.missed_through))  # its records go with it
                 _settle_stored(done, StoreError(f"context {p.doc_id!r} was adopted from a peer before version {p.version} was stored; it was dropped with the old lineage"))
                 continue
             self._take_history_gap(p)
@@ -1188,7 +1193,7 @@ class Mesh:
 
     async def _retry_persist(self) -> None:
         delay = 0.5
-        while self._unpersisted and not self._stopping:
+        while (self._unpersisted or self._history_gaps) and not self._stopping:
             await asyncio.sleep(delay)
             try:
                 flushed = await self._store_retained()
@@ -1213,6 +1218,9 @@ class Mesh:
         # Queued here, in this call, not by tasks a turn later: an adopt's reset queued in
         # between would come first, and an update of the old lineage would land in the new one.
         kept = [p for p in pending if p.lineage == self._lineage_of(p.doc_id)]  # the others: dropped with their lineage
+        for p in pending:
+            if p.lineage != self._lineage_of(p.doc_id):  # its records (and any gap it carried) go with it
+                self._note_history_gap(p.doc_id, max(p.version, p.missed_through))
         for p in kept:
             self._take_history_gap(p)
         commits = [
@@ -1224,25 +1232,57 @@ class Mesh:
         self._unpersisted_bytes = sum(len(p.update) for p in self._unpersisted)
         for p in kept:
             self._durable(p)
+        for doc_id, version in list(self._history_gaps.items()):  # no update carried them: on their own
+            await self.store.mark_history_gap(doc_id, version, lineage=self._lineage_of(doc_id) or LEGACY_LINEAGE)
+            self._gap_committed(doc_id, version)
         return len(pending)
 
     def _note_history_gap(self, doc_id: DocId, version: int) -> None:
         """
         Remember that the store will never get the history records of ``version`` (its update
-        was dropped). The next update of the context handed to the store carries it
-        (``missed_through``), and the store moves the context's ``history_from`` past it in that
-        update's transaction: a ``changes`` cursor or a webhook from before is then told it missed
-        changes (``truncated``) instead of passing the version without a word. Lost at a stop,
-        which loses nothing more: the restart's sync brings the dropped content back as new
-        versions, with their records.
+        was dropped), until the store has moved the context's ``history_from`` past it: with the
+        next update of the context handed to it (``missed_through``), or on its own
+        (:meth:`_flush_history_gaps`, or the retry loop while the store fails). Until then
+        :meth:`unstored_from` holds readers (``changes``, webhooks) before it; after, a reader
+        from before is told it missed changes instead of passing the version without a word.
+        Noticed late, when a later version was already handed to the store, this still holds:
+        that version's commit reaches readers only after this call (the store reports its
+        batches in order). Lost at a stop, which loses nothing more: the restart's sync brings
+        the dropped content back as new versions, with their records.
         """
         self._history_gaps[doc_id] = max(self._history_gaps.get(doc_id, 0), version)
+        # Committed on its own soon, unless an update carries it first; while the store fails,
+        # the retry loop does it. Until then, unstored_from() holds readers before it.
+        if self.store_failing is None and not self._stopping and (self._gap_flush is None or self._gap_flush.done()):
+            self._gap_flush = self._spawn(self._flush_history_gaps(), "store-gaps")
 
     def _take_history_gap(self, p: _Pending) -> None:
-        """Move the context's pending history gap onto ``p``, the next update to reach the store (kept on it if ``p`` is retried)."""
-        gap = self._history_gaps.pop(p.doc_id, 0)
+        """Put the context's pending history gap on ``p``, an update on its way to the store (kept on it if ``p`` is retried)."""
+        gap = self._history_gaps.get(p.doc_id, 0)
         if gap > p.missed_through:
             p.missed_through = gap
+
+    def _gap_committed(self, doc_id: DocId, version: int) -> None:
+        """The store has moved ``history_from`` past ``version``: forget the gaps it covers."""
+        if 0 < self._history_gaps.get(doc_id, 0) <= version:
+            del self._history_gaps[doc_id]
+
+    async def _flush_history_gaps(self) -> None:
+        """
+        Commit the pending history gaps on their own (:meth:`Store.mark_history_gap`), for
+        contexts no update came to carry them. A failing store leaves them to the retry loop.
+        """
+        while self._history_gaps and not self._stopping:
+            doc_id, version = next(iter(self._history_gaps.items()))
+            try:
+                await self.store.mark_history_gap(doc_id, version, lineage=self._lineage_of(doc_id) or LEGACY_LINEAGE)
+            except (StoreError, InvalidState) as exc:
+                log.debug("store.gap_mark_failed", doc_id=doc_id, version=version, error=str(exc))
+                if self.store_failing is None and not self._stopping:
+                    self.store_failing = str(exc)
+                    self._spawn(self._retry_persist(), "store-retry")
+                return
+            self._gap_committed(doc_id, version)  # a later gap noted meanwhile stays, and goes round again
 
     def unstored_from(self, doc_id: DocId) -> int | None:
         """
@@ -1252,7 +1292,11 @@ class Mesh:
         may already hold later versions, and once this one is stored it would land behind the
         cursor, never read.
         """
-        return min((p.version for p in self._unpersisted if p.doc_id == doc_id), default=None)
+        floors = [p.version for p in self._unpersisted if p.doc_id == doc_id]
+        gap = self._history_gaps.get(doc_id)
+        if gap:  # a version the store will never get: not passed until the store has marked it missed
+            floors.append(gap)
+        return min(floors, default=None)
 
     async def flush_unpersisted(self) -> bool:
         """Try once to store what a failing store refused (at shutdown); return whether all is stored."""

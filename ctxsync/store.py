@@ -924,6 +924,27 @@ class Store:
         args = (doc_id, version, lineage, blob, doc_id, doc_id, doc_id)
         return self._submit(_Op(self._future(), "write", lambda conn: conn.execute(sql, args)))
 
+    def mark_history_gap(self, doc_id: DocId, version: int, *, lineage: str = LEGACY_LINEAGE) -> asyncio.Future[None]:
+        """
+        Say that ``version`` of a context will never have its history records stored (its update
+        was dropped): ``history_from`` moves past it, committed with the next batch, so a reader
+        from before is told it missed changes. What :meth:`append_nowait`'s ``missed_through``
+        does, for when no update of the context comes to carry it. Creates the context's row (with
+        ``lineage``) if the dropped update was its first.
+
+        Returns:
+            A future of the commit (a StoreError if it failed).
+        """
+
+        def mark(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO contexts (doc_id, created_at_ms, lineage) VALUES (?, ?, ?)",
+                (doc_id, _now_ms(), lineage),
+            )
+            conn.execute("UPDATE contexts SET history_from = max(history_from, ?) WHERE doc_id = ?", (version + 1, doc_id))
+
+        return self._submit(_Op(self._future(), "write", mark))
+
     async def heads(self) -> list[StoredHead]:
         """
         Every stored context's version and lineage, and its record if still valid (see

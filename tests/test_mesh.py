@@ -7,6 +7,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -628,9 +629,9 @@ async def test_a_dropped_update_moves_history_from_past_its_version(
     make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
-    store.retention_full loses a version's history records with its update: the next update
-    stored moves history_from past that version, so a cursor from before is told it missed
-    changes instead of passing the version without a word.
+    store.retention_full loses a version's history records with its update: readers stop before
+    that version until the store has moved history_from past it (on its own once the store works
+    again), so a cursor from before is told it missed changes instead of passing it without a word.
     """
     monkeypatch.setattr(mesh_module, "MAX_UNPERSISTED_BYTES", 0)  # nothing is kept for a retry: dropped at once
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
@@ -643,15 +644,98 @@ async def test_a_dropped_update_moves_history_from_past_its_version(
         await a.write(doc, [("k", "2")])
         await wait_until(lambda: value(b, "ctx", "k") == "2" and any(e["event"] == "store.retention_full" for e in logs), T)
     dropped = b.version_of(doc)
+    assert b.unstored_from(doc) == dropped  # readers stop before it until the store has marked it
     blocker.execute("ROLLBACK")
     blocker.close()
-    await wait_until(lambda: b.store_failing is None, T)
-    assert (await b.store.read_history(doc, since=before)).history_from <= before  # nothing told the store yet
-    await a.write(doc, [("other", "3")])  # the next version stored carries the gap
+    await wait_until(lambda: b.store_failing is None and b.unstored_from(doc) is None, T)
+    assert (await b.store.read_history(doc, since=before)).history_from == dropped + 1  # marked on its own
+    await a.write(doc, [("other", "3")])
     await wait_until(lambda: value(b, "ctx", "other") == "3" and b._stored_version.get(doc) == b.version_of(doc), T)
     page = await b.store.read_history(doc, since=before)
     assert page.history_from == dropped + 1
     assert [(r.version, r.record["key"]) for r in page.records] == [(dropped + 1, "other")]
+
+
+async def test_a_reader_never_passes_a_version_dropped_while_a_later_one_commits(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    One commit fails for a moment (a busy store) while the next version is already queued: the
+    dropped version is known only after its successor was handed to the store. A reader moving
+    its cursor as `changes` does (stopping before unstored_from) must be told it missed that
+    version, never pass it silently.
+    """
+    monkeypatch.setattr(mesh_module, "MAX_UNPERSISTED_BYTES", 0)  # peers' updates are dropped at once
+    doc = DocId("ctx")
+    _, nb, a, b = await synced_pair(make, doc)
+    before = b.version_of(doc)
+    commit, failed = b.store._commit, []
+
+    def busy_once(conn: Any, appends: Any, writes: Any) -> Any:
+        if not failed and any(x.version == before + 1 for x in appends):
+            failed.append(True)
+            time.sleep(0.3)  # the next version is queued meanwhile
+            return [(j.future, None, StoreError("database is locked")) for j in [*appends, *writes]]
+        return commit(conn, appends, writes)
+
+    monkeypatch.setattr(b.store, "_commit", busy_once)
+    cursor, told, passed, settled = before, False, [], asyncio.Event()
+
+    async def reader() -> None:
+        nonlocal cursor, told
+        for _ in range(5000):  # bounded; stops one read after the test has settled
+            last = settled.is_set()
+            page = await b.store.read_history(doc, since=cursor)
+            floor = b.unstored_from(doc)
+            if cursor + 1 < page.history_from:
+                told, cursor = True, page.history_from - 1
+            else:
+                records = [r for r in page.records if floor is None or r.version < floor]
+                if records:
+                    passed.extend(r.version for r in records)
+                    cursor = records[-1].version
+            if last:
+                return
+            await asyncio.sleep(0.001)
+
+    reading = asyncio.create_task(reader())
+    with structlog.testing.capture_logs() as logs:
+        await a.write(doc, [("k", "2")])
+        await wait_until(lambda: value(b, "ctx", "k") == "2", T)
+        await a.write(doc, [("k", "3")])  # arrives while the first commit is still failing
+        await wait_until(lambda: any(e["event"] == "store.retention_full" for e in logs), T)
+        await wait_until(lambda: b._stored_version.get(doc) == b.version_of(doc) and b.unstored_from(doc) is None, T)
+    settled.set()
+    await asyncio.wait_for(reading, T)
+    assert [e["version"] for e in logs if e["event"] == "store.retention_full"] == [before + 1]
+    assert told and before + 1 not in passed
+    assert (await b.store.read_history(doc, since=before)).history_from == before + 2
+
+
+async def test_a_history_gap_survives_an_adopt(make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A peer's update of this node's lineage, dropped while the store fails, leaves a gap; an adopt
+    of the other lineage before the store works again does not lose it: readers from before are
+    still told they missed changes.
+    """
+    monkeypatch.setattr(mesh_module, "MAX_UNPERSISTED_BYTES", 0)  # peers' updates are dropped at once
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
+    doc = DocId("ctx")
+    na, nb, a, b = await split_pair(make, doc)
+    before = b.version_of(doc)
+    blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # b's store cannot commit
+    with structlog.testing.capture_logs() as logs:
+        _peer_update(b, doc, "p", '"peer"')  # dropped (retention full)
+        await wait_until(lambda: any(e["event"] == "store.retention_full" for e in logs), T)
+    dropped = b.version_of(doc)
+    assert b.unstored_from(doc) == dropped
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await b.adopt(doc, na.node_id)  # before the retry loop's next round
+    await wait_until(lambda: b.store_failing is None and value(b, "ctx", "k") == '"from-a"', T)
+    await wait_until(lambda: b._stored_version.get(doc) == b.version_of(doc) and b.unstored_from(doc) is None, T)
+    assert (await b.store.read_history(doc, since=before)).history_from >= dropped + 1
 
 
 async def test_a_peer_update_dropped_by_a_failed_load_comes_again(
