@@ -472,26 +472,29 @@ class Api:
         limit = _opt_int(req, "limit", minimum=1) or 1000
         store = self.mesh.store
         page = await store.read_history(doc_id, since=since, limit=limit + 1)
-        records = page.records
+        records, history_from = page.records, page.history_from
         if len(records) > limit:
             last = records[limit].version
             kept = [r for r in records[:limit] if r.version != last]
             if not kept:  # one version alone is larger than the limit: return all of it
                 whole = await store.read_history(doc_id, since=last - 1, limit=store.history_limit + 1)
                 kept = [r for r in whole.records if r.version == last]
+                # A dropped version's gap (Mesh.unstored_from) may have been committed between
+                # the two reads: the newer mark counts, or the cursor would pass it unwarned.
+                history_from = max(history_from, whole.history_from)
             records = kept
         floor = self.mesh.unstored_from(doc_id)
         if floor is not None:  # a version is waiting for its commit: stop before it (see there)
             records = [r for r in records if r.version < floor]
         version = self.mesh.version_of(doc_id)
-        truncated = since + 1 < page.history_from and since < version
+        truncated = since + 1 < history_from and since < version
         # The cursor moves to the last version returned, never further: the in-memory version
         # may be ahead of what the store has committed, and skipping it would lose changes.
         cursor = records[-1].version if records else since
         head = {
             "context": doc_id, "since": since, "next": cursor, "version": version,
-            "history_from": page.history_from, "truncated": truncated,
-            "missed": [since + 1, page.history_from - 1] if truncated else None,
+            "history_from": history_from, "truncated": truncated,
+            "missed": [since + 1, history_from - 1] if truncated else None,
         }  # fmt: skip
         body = ",".join(_history_json(r) for r in records)
         return self._ok(req_id, raw=_dump_raw(head, {"changes": f"[{body}]"}))

@@ -696,7 +696,8 @@ class WebhookDispatcher:
         """
         cursor, batch_max = hook.cursor, self._config.batch_max
         page = await self._store.read_history(hook.doc_id, since=cursor, limit=batch_max)
-        truncated = cursor + 1 < page.history_from
+        history_from = page.history_from
+        truncated = cursor + 1 < history_from
         records = page.records
         if not records and not truncated:
             return None
@@ -712,12 +713,16 @@ class WebhookDispatcher:
                 )
                 records = [r for r in full.records if r.version == last]
                 split = True
+                # A dropped version's gap (Mesh.unstored_from) may have been committed between
+                # the two reads: the newer mark counts, or the cursor would pass it unwarned.
+                history_from = max(history_from, full.history_from)
+                truncated = cursor + 1 < history_from
         floor = self._unstored_from(hook.doc_id)
         if floor is not None:
             records = [r for r in records if r.version < floor]
         to_version = records[-1].version if records else cursor
         if truncated:
-            to_version = max(to_version, page.history_from - 1)
+            to_version = max(to_version, history_from - 1)
             if floor is not None:
                 to_version = max(cursor, min(to_version, floor - 1))
         if not records and to_version <= cursor:
@@ -728,7 +733,7 @@ class WebhookDispatcher:
                 webhook_id=hook.id,
                 doc_id=hook.doc_id,
                 missed_from=cursor + 1,
-                missed_to=page.history_from - 1,
+                missed_to=history_from - 1,
             )
         matching = [
             r for r in records if isinstance(k := r.record.get("key"), str) and k.startswith(hook.prefix)
@@ -755,7 +760,7 @@ class WebhookDispatcher:
                 "to_version": to_version,
                 "truncated": truncated and n == 0,
                 "missed_from": cursor + 1 if truncated and n == 0 else None,
-                "missed_to": page.history_from - 1 if truncated and n == 0 else None,
+                "missed_to": history_from - 1 if truncated and n == 0 else None,
                 "changes": [_change(r) for r in part],
             }
             body = _encode(body_obj)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ import pytest
 import structlog
 
 from ctxsync import mesh as mesh_module
+from ctxsync.api import Api
 from ctxsync import store as store_module
 from ctxsync.config import NodeConfig, PeerConfig, SyncConfig
 from ctxsync.crypto import generate_identity
@@ -637,6 +639,7 @@ async def test_a_dropped_update_moves_history_from_past_its_version(
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
     doc = DocId("ctx")
     _, nb, a, b = await synced_pair(make, doc)
+    await wait_until(lambda: b._stored_version.get(doc) == b.version_of(doc), T)  # k = 1 stored before the block
     before = b.version_of(doc)
     blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # b's store cannot commit
@@ -712,6 +715,62 @@ async def test_a_reader_never_passes_a_version_dropped_while_a_later_one_commits
     assert (await b.store.read_history(doc, since=before)).history_from == before + 2
 
 
+async def test_changes_told_of_a_gap_committed_between_its_two_reads(
+    make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    `changes` reads a version larger than its limit a second time; if the dropped version's
+    mark commits between the two reads, the newer history_from must count, or the cursor would
+    jump past the dropped version unwarned (found by helper-35's review).
+    """
+    monkeypatch.setattr(mesh_module, "MAX_UNPERSISTED_BYTES", 0)  # peers' updates are dropped at once
+    doc = DocId("ctx")
+    _, nb, a, b = await synced_pair(make, doc)
+    await wait_until(lambda: b._stored_version.get(doc) == b.version_of(doc), T)
+    before = b.version_of(doc)
+    commit, failed = b.store._commit, []
+
+    def busy_once(conn: Any, appends: Any, writes: Any) -> Any:
+        if not failed and any(x.version == before + 1 for x in appends):
+            failed.append(True)
+            time.sleep(0.3)  # the next version is queued meanwhile
+            return [(j.future, None, StoreError("database is locked")) for j in [*appends, *writes]]
+        return commit(conn, appends, writes)
+
+    monkeypatch.setattr(b.store, "_commit", busy_once)
+    gate = asyncio.Event()
+    flush = b._flush_history_gaps
+
+    async def slow_flush() -> None:  # the mark is slow to be queued: a legal timing
+        await gate.wait()
+        await flush()
+
+    monkeypatch.setattr(b, "_flush_history_gaps", slow_flush)
+    with structlog.testing.capture_logs() as logs:
+        await a.write(doc, [("k", "2")])
+        await wait_until(lambda: value(b, "ctx", "k") == "2", T)
+        await a.write(doc, [("k", "3"), ("j", "3")])  # the next version: two records
+        await wait_until(lambda: any(e["event"] == "store.retention_full" for e in logs), T)
+        await wait_until(lambda: b._stored_version.get(doc) == before + 2, T)
+    assert b.unstored_from(doc) == before + 1
+    reads, read = 0, b.store.read_history
+
+    async def read_history(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the gap's mark commits between the two reads
+            gate.set()
+            await wait_until(lambda: b.unstored_from(doc) is None, T)
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(b.store, "read_history", read_history)
+    api = Api.__new__(Api)  # only _op_changes, on this mesh
+    api.mesh = b
+    out = json.loads(await Api._op_changes(api, None, 1, {"context": "ctx", "since": before, "limit": 1}))["result"]
+    assert reads == 2
+    assert out["truncated"] and out["missed"] == [before + 1, before + 1] and out["next"] == before + 2
+
+
 async def test_a_history_gap_survives_an_adopt(make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch) -> None:
     """
     A peer's update of this node's lineage, dropped while the store fails, leaves a gap; an adopt
@@ -722,6 +781,7 @@ async def test_a_history_gap_survives_an_adopt(make: Callable[[str], Node], monk
     monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)
     doc = DocId("ctx")
     na, nb, a, b = await split_pair(make, doc)
+    await wait_until(lambda: b._stored_version.get(doc) == b.version_of(doc), T)  # b's own write stored before the block
     before = b.version_of(doc)
     blocker = sqlite3.connect(nb.dir / "store.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # b's store cannot commit
