@@ -659,6 +659,23 @@ async def test_a_dropped_update_moves_history_from_past_its_version(
     assert [(r.version, r.record["key"]) for r in page.records] == [(dropped + 1, "other")]
 
 
+def fail_one_commit(monkeypatch: pytest.MonkeyPatch, m: Mesh, version: int) -> None:
+    """
+    Make the first batch of ``m``'s store that holds ``version`` fail after 0.3 s, as SQLite's
+    busy timeout would (the next version is queued meanwhile); every other batch commits.
+    """
+    commit, failed = m.store._commit, []
+
+    def busy_once(conn: Any, appends: Any, writes: Any) -> Any:
+        if not failed and any(x.version == version for x in appends):
+            failed.append(True)
+            time.sleep(0.3)
+            return [(j.future, None, StoreError("database is locked")) for j in [*appends, *writes]]
+        return commit(conn, appends, writes)
+
+    monkeypatch.setattr(m.store, "_commit", busy_once)
+
+
 async def test_a_reader_never_passes_a_version_dropped_while_a_later_one_commits(
     make: Callable[[str], Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -672,16 +689,7 @@ async def test_a_reader_never_passes_a_version_dropped_while_a_later_one_commits
     doc = DocId("ctx")
     _, nb, a, b = await synced_pair(make, doc)
     before = b.version_of(doc)
-    commit, failed = b.store._commit, []
-
-    def busy_once(conn: Any, appends: Any, writes: Any) -> Any:
-        if not failed and any(x.version == before + 1 for x in appends):
-            failed.append(True)
-            time.sleep(0.3)  # the next version is queued meanwhile
-            return [(j.future, None, StoreError("database is locked")) for j in [*appends, *writes]]
-        return commit(conn, appends, writes)
-
-    monkeypatch.setattr(b.store, "_commit", busy_once)
+    fail_one_commit(monkeypatch, b, before + 1)
     cursor, told, passed, settled = before, False, [], asyncio.Event()
 
     async def reader() -> None:
@@ -728,16 +736,7 @@ async def test_changes_told_of_a_gap_committed_between_its_two_reads(
     _, nb, a, b = await synced_pair(make, doc)
     await wait_until(lambda: b._stored_version.get(doc) == b.version_of(doc), T)
     before = b.version_of(doc)
-    commit, failed = b.store._commit, []
-
-    def busy_once(conn: Any, appends: Any, writes: Any) -> Any:
-        if not failed and any(x.version == before + 1 for x in appends):
-            failed.append(True)
-            time.sleep(0.3)  # the next version is queued meanwhile
-            return [(j.future, None, StoreError("database is locked")) for j in [*appends, *writes]]
-        return commit(conn, appends, writes)
-
-    monkeypatch.setattr(b.store, "_commit", busy_once)
+    fail_one_commit(monkeypatch, b, before + 1)
     gate = asyncio.Event()
     flush = b._flush_history_gaps
 
