@@ -1286,7 +1286,9 @@ class Mesh:
 
     def unstored_from(self, doc_id: DocId) -> int | None:
         """
-        The lowest version of ``doc_id`` whose commit failed and that is kept for a retry; None if none.
+        The lowest version of ``doc_id`` whose commit failed and that is kept for a retry, or
+        that was dropped and not yet marked missed in the store (:meth:`_note_history_gap`);
+        None if none.
 
         Readers of the history (``changes``, webhooks) must not move a cursor past it: the store
         may already hold later versions, and once this one is stored it would land behind the
