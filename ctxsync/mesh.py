@@ -1232,9 +1232,7 @@ class Mesh:
         self._unpersisted_bytes = sum(len(p.update) for p in self._unpersisted)
         for p in kept:
             self._durable(p)
-        for doc_id, version in list(self._history_gaps.items()):  # no update carried them: on their own
-            await self.store.mark_history_gap(doc_id, version, lineage=self._lineage_of(doc_id) or LEGACY_LINEAGE)
-            self._gap_committed(doc_id, version)
+        await self._mark_history_gaps()  # no update carried them: on their own
         return len(pending)
 
     def _note_history_gap(self, doc_id: DocId, version: int) -> None:
@@ -1267,22 +1265,26 @@ class Mesh:
         if 0 < self._history_gaps.get(doc_id, 0) <= version:
             del self._history_gaps[doc_id]
 
-    async def _flush_history_gaps(self) -> None:
+    async def _mark_history_gaps(self) -> None:
         """
         Commit the pending history gaps on their own (:meth:`Store.mark_history_gap`), for
-        contexts no update came to carry them. A failing store leaves them to the retry loop.
+        contexts no update came to carry them. Raises the store's error, keeping the rest.
         """
-        while self._history_gaps and not self._stopping:
+        while self._history_gaps:
             doc_id, version = next(iter(self._history_gaps.items()))
-            try:
-                await self.store.mark_history_gap(doc_id, version, lineage=self._lineage_of(doc_id) or LEGACY_LINEAGE)
-            except (StoreError, InvalidState) as exc:
-                log.debug("store.gap_mark_failed", doc_id=doc_id, version=version, error=str(exc))
-                if self.store_failing is None and not self._stopping:
-                    self.store_failing = str(exc)
-                    self._spawn(self._retry_persist(), "store-retry")
-                return
+            await self.store.mark_history_gap(doc_id, version, lineage=self._lineage_of(doc_id) or LEGACY_LINEAGE)
             self._gap_committed(doc_id, version)  # a later gap noted meanwhile stays, and goes round again
+
+    async def _flush_history_gaps(self) -> None:
+        """:meth:`_mark_history_gaps` soon after a gap is noted; a failing store leaves them to the retry loop."""
+        try:
+            await self._mark_history_gaps()
+        except (StoreError, InvalidState) as exc:
+            doc_id, version = next(iter(self._history_gaps.items()), (None, None))  # the one that failed, if still pending
+            log.debug("store.gap_mark_failed", doc_id=doc_id, version=version, error=str(exc))
+            if self.store_failing is None and not self._stopping:
+                self.store_failing = str(exc)
+                self._spawn(self._retry_persist(), "store-retry")
 
     def unstored_from(self, doc_id: DocId) -> int | None:
         """
